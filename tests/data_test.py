@@ -1,0 +1,418 @@
+"""Rotten Tomatoes loading, sampling, prompts, tokenization cache, packing, batches and `prepare`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer import data
+from trainer.config import ConfigError, DataConfig
+from trainer.data import DataError, Example
+
+REPO = Path(__file__).resolve().parents[1]
+FIRST_TEST_TEXT = (
+    "lovingly photographed in the manner of a golden book sprung to life , "
+    "stuart little 2 manages sweetness largely without stickiness ."
+)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_standard_split_sizes_and_order(rt_splits):
+    assert {name: len(examples) for name, examples in rt_splits.items()} == {
+        "train": 8530,
+        "validation": 1066,
+        "test": 1066,
+    }
+    assert rt_splits["test"][0] == Example(FIRST_TEST_TEXT, 1)
+    assert rt_splits["train"][0].text.startswith("the rock is destined to be the 21st century's new")
+    # All positives of a split, then all negatives.
+    for name, half in (("train", 4265), ("validation", 533), ("test", 533)):
+        labels = [example.label for example in rt_splits[name]]
+        assert labels == [1] * half + [0] * half, name
+
+
+def test_latin1_text_and_nel_byte_are_not_line_breaks(rt_splits):
+    texts = [example.text for split in rt_splits.values() for example in split]
+    assert any("é" in text for text in texts)
+    # The files hold \x85 inside lines: splitting on it would have shifted every split.
+    assert any("\x85" in text for text in texts)
+    assert all(text == text.strip() and text for text in texts)
+
+
+def test_load_is_memoised_and_returns_fresh_lists(rt_dir, monkeypatch):
+    cfg = DataConfig(path=str(rt_dir))
+    first = data.load_splits(cfg)
+    first["train"].clear()
+    calls = []
+    monkeypatch.setattr(data, "_read_cornell", lambda *args: calls.append(args))
+    second = data.load_splits(cfg)
+    assert len(second["train"]) == 8530 and calls == []
+
+
+def test_env_var_is_used_when_no_path(rt_dir, monkeypatch):
+    monkeypatch.setenv("MY_RT_DIR", str(rt_dir))
+    dataset = data.load_dataset(DataConfig(env_var="MY_RT_DIR"))
+    assert len(dataset.splits["test"]) == 1066 and "MY_RT_DIR" in dataset.source
+
+
+def test_offline_without_local_copy_says_how_to_point_at_one(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("the hub is unreachable")
+
+    monkeypatch.delenv("ROTTEN_TOMATOES_DIR", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DataError, match=r"data\.path=.*ROTTEN_TOMATOES_DIR") as raised:
+        data.load_splits(DataConfig())
+    assert isinstance(raised.value, ValueError)
+
+
+def test_hub_snapshot_with_parquet_files(rt_splits, tmp_path, monkeypatch):
+    import pandas as pd
+
+    (tmp_path / "data").mkdir()
+    for split in data.SPLITS:
+        rows = rt_splits[split][:5]
+        frame = pd.DataFrame({"text": [e.text for e in rows], "label": [e.label for e in rows]})
+        frame.to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    monkeypatch.delenv("ROTTEN_TOMATOES_DIR", raising=False)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(tmp_path))
+    splits = data.load_splits(DataConfig())
+    assert splits["train"] == rt_splits["train"][:5]
+    assert splits["test"][0].text == FIRST_TEST_TEXT
+
+
+def test_path_without_data_files(tmp_path):
+    with pytest.raises(DataError, match="rt-polarity.pos"):
+        data.load_splits(DataConfig(path=str(tmp_path)))
+
+
+def _write_jsonl(folder: Path, train_lines: list[bytes]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_bytes(b"\n".join(train_lines) + b"\n")
+    (folder / "validation.jsonl").write_text('{"text": "fine", "label": 1}\n')
+    (folder / "test.jsonl").write_text('{"text": "dull", "label": "NEGATIVE"}\n')
+
+
+def test_jsonl_folder(tmp_path):
+    _write_jsonl(
+        tmp_path,
+        [
+            b'{"text": "a joy", "label": 1}',
+            b'{"text": " a bore ", "label": 0}',
+            b'{"text": "lovely", "label": "Positive"}',
+            b"",
+            b'{"text": "caf\xc3\xa9 dull", "label": "negative", "extra": 3}',
+        ],
+    )
+    splits = data.load_splits(DataConfig(path=str(tmp_path)))
+    assert splits["train"] == [
+        Example("a joy", 1),
+        Example("a bore", 0),
+        Example("lovely", 1),
+        Example("café dull", 0),
+    ]
+    assert splits["validation"] == [Example("fine", 1)]
+    assert splits["test"] == [Example("dull", 0)]
+
+
+BAD_LINES = {
+    "invalid JSON": b'{"text": "a joy", "label": 1',
+    'missing field "text"': b'{"label": 1}',
+    'missing field "label"': b'{"text": "a joy"}',
+    "unknown label": b'{"text": "a joy", "label": "meh"}',
+    "not valid UTF-8": b'{"text": "caf\xe9", "label": 1}',
+    'empty "text"': b'{"text": "  ", "label": 1}',
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_LINES))
+def test_bad_line_names_file_line_problem_and_fix(tmp_path, problem):
+    _write_jsonl(tmp_path, [b'{"text": "a joy", "label": 1}', b'{"text": "meh", "label": 0}', BAD_LINES[problem]])
+    with pytest.raises(DataError) as raised:
+        data.load_splits(DataConfig(path=str(tmp_path)))
+    message = str(raised.value)
+    assert f"{tmp_path / 'train.jsonl'}:3:" in message
+    assert problem in message
+    assert "data.on_bad_line=skip" in message
+
+
+def test_skip_mode_counts_bad_lines(tmp_path):
+    _write_jsonl(tmp_path, [b'{"text": "a joy", "label": 1}', *BAD_LINES.values(), b'{"text": "bad", "label": 0}'])
+    dataset = data.load_dataset(DataConfig(path=str(tmp_path), on_bad_line="skip"))
+    assert dataset.splits["train"] == [Example("a joy", 1), Example("bad", 0)]
+    assert dataset.skipped == {"train": len(BAD_LINES), "validation": 0, "test": 0}
+
+
+def test_bool_and_out_of_range_labels_are_unknown(tmp_path):
+    for label in (b"true", b"2", b"1.5", b"null"):
+        _write_jsonl(tmp_path, [b'{"text": "x", "label": ' + label + b"}"])
+        with pytest.raises(DataError, match="unknown label"):
+            data.load_splits(DataConfig(path=str(tmp_path)))
+
+
+def test_cornell_empty_line_does_not_shift_splits(tmp_path):
+    pos = [f"good {i}" for i in range(10)]
+    neg = [f"bad {i}" for i in range(10)]
+    neg[3] = "   "
+    (tmp_path / "rt-polarity.pos").write_text("\n".join(pos) + "\n", encoding="latin-1")
+    (tmp_path / "rt-polarity.neg").write_text("\n".join(neg) + "\n", encoding="latin-1")
+    with pytest.raises(DataError, match=r"rt-polarity\.neg:4: empty review"):
+        data.load_splits(DataConfig(path=str(tmp_path)))
+    dataset = data.load_dataset(DataConfig(path=str(tmp_path), on_bad_line="skip"))
+    assert dataset.skipped == {"train": 1, "validation": 0, "test": 0}
+    assert [e.text for e in dataset.splits["validation"]] == ["good 8", "bad 8"]
+
+
+# ---------------------------------------------------------------- sampling and prompts
+
+
+@pytest.mark.parametrize("ratio, size", [(0.5, 4265), (0.7, 5971), (0.9, 7677), (1.0, 8530)])
+def test_ratio_sizes_and_class_balance(rt_splits, ratio, size):
+    subset = data.sample_ratio(rt_splits["train"], ratio, seed=0)
+    assert len(subset) == size
+    counts = Counter(example.label for example in subset)
+    assert abs(counts[0] - counts[1]) <= 1
+    assert len(set(subset)) == size and set(subset) <= set(rt_splits["train"])
+
+
+def test_ratio_is_seeded(rt_splits):
+    train = rt_splits["train"]
+    assert data.sample_ratio(train, 0.7, seed=3) == data.sample_ratio(train, 0.7, seed=3)
+    assert data.sample_ratio(train, 0.7, seed=3) != data.sample_ratio(train, 0.7, seed=4)
+
+
+def test_ratio_keeps_unbalanced_proportions():
+    examples = [Example(f"p{i}", 1) for i in range(30)] + [Example(f"n{i}", 0) for i in range(70)]
+    counts = Counter(example.label for example in data.sample_ratio(examples, 0.55, seed=0))
+    assert counts == {1: 16, 0: 39}  # 16.5 and 38.5 of 55: the tie goes to the lower label
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, 1.5, -0.1, float("nan")])
+def test_ratio_outside_unit_interval(rt_splits, ratio):
+    with pytest.raises(ConfigError, match=rf"ratio={ratio} is outside \(0, 1\]; use e\.g\. ratio=0\.9"):
+        data.sample_ratio(rt_splits["train"], ratio, seed=0)
+
+
+def test_prompt_format():
+    example = Example("a gem .", 1)
+    assert data.prompt_text(example.text) == "[Text]: a gem .\n[Sentiment]:"
+    assert data.full_text(example) == "[Text]: a gem .\n[Sentiment]: Positive"
+    assert data.answer_text(0) == "Negative" and data.LABEL_NAMES == ("Negative", "Positive")
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+@pytest.fixture(scope="module")
+def tokenized_train(rt_splits, tiny_tokenizer, tmp_path_factory):
+    return data.tokenize_examples(rt_splits["train"], tiny_tokenizer, str(tmp_path_factory.mktemp("tok")))
+
+
+def test_tokenized_layout(rt_splits, tiny_tokenizer, tokenized_train):
+    assert len(tokenized_train) == 8530
+    first = rt_splits["train"][0]
+    assert tokenized_train.prompts[0].dtype == np.int32
+    assert tokenized_train.prompts[0][0] == tiny_tokenizer.bos_id
+    assert tokenized_train.prompts[0][1:].tolist() == tiny_tokenizer.encode(data.prompt_text(first.text))
+    assert tokenized_train.answers[0].tolist() == tiny_tokenizer.encode("Positive")
+    assert [a.tolist() for a in tokenized_train.candidate_answers] == [
+        tiny_tokenizer.encode("Negative"),
+        tiny_tokenizer.encode("Positive"),
+    ]
+    assert tokenized_train.labels.dtype == np.int32
+    assert tokenized_train.labels.tolist() == [e.label for e in rt_splits["train"]]
+    for label in (0, 1):
+        index = int(np.flatnonzero(tokenized_train.labels == label)[0])
+        assert tokenized_train.answers[index].tolist() == tokenized_train.candidate_answers[label].tolist()
+
+
+def test_tokenization_cache_in_process_and_on_disk(rt_splits, tiny_tokenizer, tmp_path, monkeypatch):
+    examples = rt_splits["validation"]
+    first = data.tokenize_examples(examples, tiny_tokenizer, str(tmp_path))
+    assert data.tokenize_examples(examples, tiny_tokenizer, str(tmp_path)) is first
+    (cached,) = (tmp_path / "tokenized").glob("*.npz")
+    # A new process: the in-process memo is empty, so the file on disk must serve it.
+    monkeypatch.setattr(data, "_TOKENIZED", {})
+    monkeypatch.setattr(tiny_tokenizer, "encode_batch", lambda texts: pytest.fail("cache missed"))
+    again = data.tokenize_examples(examples, tiny_tokenizer, str(tmp_path))
+    assert again is not first
+    assert all(np.array_equal(a, b) for a, b in zip(again.prompts, first.prompts))
+    assert all(np.array_equal(a, b) for a, b in zip(again.answers, first.answers))
+    assert np.array_equal(again.labels, first.labels)
+    assert list((tmp_path / "tokenized").iterdir()) == [cached]
+
+
+def test_tokenization_cache_key_changes_with_labels(rt_splits, tiny_tokenizer, tmp_path):
+    examples = rt_splits["test"][:20]
+    flipped = [Example(e.text, 1 - e.label) for e in examples]
+    data.tokenize_examples(examples, tiny_tokenizer, str(tmp_path))
+    data.tokenize_examples(flipped, tiny_tokenizer, str(tmp_path))
+    assert len(list((tmp_path / "tokenized").glob("*.npz"))) == 2
+
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.fixture(scope="module")
+def packed_all(tokenized_train, tiny_tokenizer):
+    return data.pack(tokenized_train, 128, "all", tiny_tokenizer.eos_id, seed=0)
+
+
+def _segments(rows: data.PackedRows):
+    """(row, start, stop, example index) of every packed example."""
+    for row in range(rows.num_rows):
+        for segment in range(1, int(rows.segment_ids[row].max()) + 1):
+            where = np.flatnonzero(rows.segment_ids[row] == segment)
+            yield row, int(where[0]), int(where[-1]) + 1, int(rows.example_index[row, where[0]])
+
+
+def test_padding_under_five_percent(packed_all):
+    assert packed_all.inputs.shape[1] == 128
+    assert packed_all.padding_fraction < 0.05
+    assert packed_all.num_truncated == 0
+
+
+def test_every_example_packed_once_and_intact(packed_all, tokenized_train, tiny_tokenizer):
+    assert packed_all.num_examples == len(tokenized_train)
+    seen = []
+    for row, start, stop, index in _segments(packed_all):
+        seen.append(index)
+        expected = np.concatenate(
+            [tokenized_train.prompts[index], tokenized_train.answers[index], [tiny_tokenizer.eos_id]]
+        )
+        assert np.array_equal(packed_all.inputs[row, start:stop], expected[:-1])
+        assert np.array_equal(packed_all.targets[row, start:stop], expected[1:])
+        assert np.array_equal(packed_all.positions[row, start:stop], np.arange(stop - start))
+        # Targets are the next inputs within a segment.
+        assert np.array_equal(packed_all.targets[row, start : stop - 1], packed_all.inputs[row, start + 1 : stop])
+    assert sorted(seen) == list(range(len(tokenized_train)))
+    assert packed_all.num_tokens == int(tokenized_train.lengths.sum())
+
+
+def test_segments_are_contiguous_and_padding_is_masked(packed_all):
+    for row_segments in packed_all.segment_ids:
+        real = row_segments[row_segments > 0]
+        assert np.all(np.diff(real) >= 0) and real[0] == 1
+        assert np.all(np.diff(np.unique(real)) == 1)
+        # Padding only at the end of a row.
+        assert np.all(row_segments[len(real) :] == 0)
+    padding = packed_all.segment_ids == 0
+    assert np.all(packed_all.loss_mask[padding] == 0)
+    assert np.all(packed_all.inputs[padding] == 0) and np.all(packed_all.example_index[padding] == -1)
+    assert np.all(packed_all.loss_mask[~padding] == 1)  # loss_on="all"
+    for name, dtype in [("inputs", np.int32), ("targets", np.int32), ("segment_ids", np.int32),
+                        ("positions", np.int32), ("loss_mask", np.float32)]:
+        assert getattr(packed_all, name).dtype == dtype, name
+
+
+def test_loss_on_answer_masks_only_answer_and_eos(tokenized_train, tiny_tokenizer):
+    rows = data.pack(tokenized_train, 128, "answer", tiny_tokenizer.eos_id, seed=0)
+    answer_ids = {int(a[0]) for a in tokenized_train.candidate_answers}
+    for row, start, stop, index in _segments(rows):
+        masked_targets = rows.targets[row, start:stop][rows.loss_mask[row, start:stop] == 1]
+        expected = [*tokenized_train.answers[index].tolist(), tiny_tokenizer.eos_id]
+        assert masked_targets.tolist() == expected
+    assert rows.loss_mask.sum() == 2 * len(tokenized_train)  # one-piece answers + EOS
+    assert set(rows.targets[rows.loss_mask == 1].tolist()) == answer_ids | {tiny_tokenizer.eos_id}
+
+
+def test_pack_is_deterministic_given_seed(tokenized_train, tiny_tokenizer, packed_all):
+    again = data.pack(tokenized_train, 128, "all", tiny_tokenizer.eos_id, seed=0)
+    assert np.array_equal(again.inputs, packed_all.inputs)
+    other = data.pack(tokenized_train, 128, "all", tiny_tokenizer.eos_id, seed=1)
+    assert other.num_examples == packed_all.num_examples
+
+
+def test_long_examples_keep_bos_prompt_tail_and_answer(tiny_tokenizer, tmp_path):
+    long_review = " ".join(["wonderful"] * 200)
+    tokenized = data.tokenize_examples([Example(long_review, 1), Example("short .", 0)], tiny_tokenizer, str(tmp_path))
+    rows = data.pack(tokenized, 32, "answer", tiny_tokenizer.eos_id)
+    assert rows.num_truncated == 1 and rows.num_examples == 2
+    (row, start, stop, _), = [s for s in _segments(rows) if s[3] == 0]
+    assert stop - start == 32
+    inputs = rows.inputs[row, start:stop].tolist()
+    prompt = tokenized.prompts[0].tolist()
+    assert inputs[0] == tiny_tokenizer.bos_id
+    assert inputs[-1 - data.PROMPT_TAIL_TOKENS : -1] == prompt[-data.PROMPT_TAIL_TOKENS :]
+    assert tiny_tokenizer.decode(prompt[-data.PROMPT_TAIL_TOKENS :]).endswith("\n[Sentiment]:")
+    assert rows.targets[row, stop - 2 : stop].tolist() == [*tokenized.answers[0].tolist(), tiny_tokenizer.eos_id]
+    assert rows.loss_mask[row, start:stop].sum() == 2
+
+
+def test_pack_rejects_unknown_loss_on(tokenized_train):
+    with pytest.raises(ConfigError, match="data.loss_on='prompt'"):
+        data.pack(tokenized_train, 128, "prompt", eos_id=2)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_batches_shapes_epochs_and_wrap_around(packed_all):
+    steps = data.steps_per_epoch(packed_all, 32)
+    assert steps == -(-packed_all.num_rows // 32)
+    stream = data.batches(packed_all, 32, seed=0)
+    epoch = [next(stream) for _ in range(steps)]
+    for batch in epoch:
+        assert set(batch) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
+        assert all(array.shape == (32, 128) for array in batch.values())
+    # Every row once per epoch (the short last batch wraps around to rows seen already).
+    rows_seen = {tuple(row) for batch in epoch for row in batch["inputs"]}
+    assert len(rows_seen) == len({tuple(row) for row in packed_all.inputs})
+    next_epoch_first = next(stream)
+    assert not np.array_equal(next_epoch_first["inputs"], epoch[0]["inputs"])  # reshuffled
+    again = next(data.batches(packed_all, 32, seed=0))
+    assert np.array_equal(again["inputs"], epoch[0]["inputs"])
+
+
+def test_batches_with_fewer_rows_than_batch_size(tokenized_train, tiny_tokenizer):
+    small = data.TokenizedSplit(tokenized_train.prompts[:5], tokenized_train.answers[:5],
+                                tokenized_train.labels[:5], tokenized_train.candidate_answers)
+    rows = data.pack(small, 128, "all", tiny_tokenizer.eos_id)
+    assert data.steps_per_epoch(rows, 8) == 1
+    batch = next(data.batches(rows, 8, seed=0))
+    assert batch["inputs"].shape == (8, 128)
+
+
+# ---------------------------------------------------------------- prepare command
+
+
+def test_prepare_command_writes_reference_files(rt_dir, tmp_path):
+    out = tmp_path / "prepared"
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.data", "prepare", "--out", str(out), "--data-path", str(rt_dir)],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )
+    assert "train.jsonl: 8530" in result.stdout
+    with open(out / "train.jsonl", encoding="utf-8") as handle:
+        first = json.loads(handle.readline())
+    assert first["text"].startswith("[Text]: the rock is destined")
+    assert first["text"].endswith("\n[Sentiment]: Positive")
+    test_line = json.loads((out / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert test_line == {"text": f"[Text]: {FIRST_TEST_TEXT}\n[Sentiment]: Positive"}
+    request = json.loads((out / "test_eval_request.json").read_text(encoding="utf-8"))
+    assert request["prefix_text"][0] == f"[Text]: {FIRST_TEST_TEXT}\n[Sentiment]:"
+    labels = json.loads((out / "test_labels.json").read_text())
+    assert len(request["prefix_text"]) == len(labels) == 1066 and labels[0] == 1 and labels[-1] == 0
+    assert len(json.loads((out / "validation_eval_request.json").read_text())["prefix_text"]) == 1066
+    assert len(json.loads((out / "validation_labels.json").read_text())) == 1066
+    assert sum(1 for _ in open(out / "validation.jsonl", encoding="utf-8")) == 1066
+
+
+def test_prepare_command_reports_missing_data(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.data", "prepare", "--out", str(tmp_path / "o"), "--data-path", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and "rt-polarity.pos" in result.stderr

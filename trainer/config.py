@@ -1,0 +1,198 @@
+"""Typed configuration of one trial, registered with Hydra's ConfigStore.
+
+Every YAML file in `conf/` is validated against these dataclasses, so a typo or a
+wrong type fails before any training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype of activations
+    param_dtype: str = "float32"
+    # A Hugging Face LLaMA checkpoint: a local folder, or a hub id downloaded when online.
+    checkpoint: Optional[str] = None
+    # A sentencepiece `tokenizer.model`; None trains a small BPE model on the train split.
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "rotten_tomatoes"
+    # Folder with rt-polarity.pos/.neg or {train,validation,test}.jsonl; None: see env_var, then hub.
+    path: Optional[str] = None
+    env_var: str = "ROTTEN_TOMATOES_DIR"
+    hub_id: str = "cornell-movie-review-data/rotten_tomatoes"
+    seq_len: int = 128  # length of a packed training row
+    loss_on: str = "all"  # all | answer
+    on_bad_line: str = "error"  # error | skip
+    cache_dir: str = "${oc.env:LLM_SWEEPER_CACHE,~/.cache/llm-sweeper}"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # all | no_norms_or_embeddings: which parameters weight decay applies to.
+    weight_decay_mask: str = "all"
+    end_lr: Optional[float] = None  # None: equal to lr, i.e. constant after warmup
+    decay_steps: Optional[int] = None  # None: the trial's total steps
+    clip_grad_norm: float = 1.0  # 0 disables clipping
+    mu_dtype: str = "float32"  # float32 | bfloat16 for Adam's first moment
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # packed rows per optimizer update (over all devices)
+    grad_accum: int = 1  # micro-batches per update; batch_size must divide by it
+    total_steps: Optional[int] = None  # None: derived from epochs
+    epochs: float = 1.0
+    log_every: int = 10
+    mesh: List[int] = field(default_factory=lambda: [1, -1, 1])  # dp, fsdp, mp; -1 infers one
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "score"  # score | generate
+    temperature: float = 0.0  # generate mode: 0 is greedy
+    max_new_tokens: int = 4
+    batch_size: int = 128
+    splits: List[str] = field(default_factory=lambda: ["test", "validation"])
+    before_training: bool = True
+    max_examples: Optional[int] = None  # evaluate only the first N of each split
+    predictions: bool = True  # write predictions JSONL into output_dir
+
+
+@dataclass
+class TrialConfig:
+    lr: float = 2e-3
+    warmup: int = 0
+    ratio: float = 1.0
+    seed: int = 0
+    output_dir: str = "${hydra:runtime.output_dir}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    """The schema that conf/config.yaml lists first, so every group file is type-checked."""
+    ConfigStore.instance().store(name="trial_schema", node=TrialConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message names the value and the fix."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrialConfig) -> None:
+    """Fail before anything runs on values no trial can use."""
+    _check(
+        isinstance(cfg.ratio, (int, float)) and 0.0 < cfg.ratio <= 1.0,
+        f"ratio={cfg.ratio} is outside (0, 1]; use e.g. ratio=0.9 to train on 90% of train",
+    )
+    _check(
+        math.isfinite(cfg.lr) and cfg.lr >= 0.0,
+        f"lr={cfg.lr} must be a finite number >= 0; use e.g. lr=2e-4",
+    )
+    _check(cfg.warmup >= 0, f"warmup={cfg.warmup} must be >= 0 steps; use e.g. warmup=184")
+    o = cfg.optim
+    for name in ("b1", "b2"):
+        value = getattr(o, name)
+        _check(0.0 <= value < 1.0, f"optim.{name}={value} must be in [0, 1); use e.g. optim.{name}=0.9")
+    _check(
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0.0,
+        f"optim.weight_decay={o.weight_decay} must be >= 0; use e.g. optim.weight_decay=0.001",
+    )
+    _check(
+        o.end_lr is None or (math.isfinite(o.end_lr) and o.end_lr >= 0.0),
+        f"optim.end_lr={o.end_lr} must be >= 0 or null (constant after warmup)",
+    )
+    _check(o.clip_grad_norm >= 0.0, f"optim.clip_grad_norm={o.clip_grad_norm} must be >= 0 (0 disables)")
+    _check(
+        o.weight_decay_mask in ("all", "no_norms_or_embeddings"),
+        f"optim.weight_decay_mask={o.weight_decay_mask!r}: expected 'all' or 'no_norms_or_embeddings'",
+    )
+    _check(o.mu_dtype in ("float32", "bfloat16"), f"optim.mu_dtype={o.mu_dtype!r}: expected float32 or bfloat16")
+    t = cfg.train
+    _check(t.batch_size > 0, f"train.batch_size={t.batch_size} must be > 0")
+    _check(
+        t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
+        f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}",
+    )
+    _check(
+        t.total_steps is None or t.total_steps > 0,
+        f"train.total_steps={t.total_steps} must be > 0, or null to train for train.epochs",
+    )
+    _check(t.total_steps is not None or t.epochs > 0, f"train.epochs={t.epochs} must be > 0")
+    _check(len(t.mesh) == 3, f"train.mesh={list(t.mesh)} needs three sizes dp,fsdp,mp, e.g. train.mesh=[1,4,2]")
+    d = cfg.data
+    _check(d.loss_on in ("all", "answer"), f"data.loss_on={d.loss_on!r}: expected 'all' or 'answer'")
+    _check(d.on_bad_line in ("error", "skip"), f"data.on_bad_line={d.on_bad_line!r}: expected 'error' or 'skip'")
+    _check(d.seq_len >= 16, f"data.seq_len={d.seq_len} is too short for a review; use e.g. data.seq_len=128")
+    e = cfg.eval
+    _check(e.mode in ("score", "generate"), f"eval.mode={e.mode!r}: expected 'score' or 'generate'")
+    _check(e.temperature >= 0.0, f"eval.temperature={e.temperature} must be >= 0 (0 is greedy)")
+    for split in e.splits:
+        _check(split in ("test", "validation", "train"), f"eval.splits has {split!r}: expected test, validation or train")
+    m = cfg.model
+    head_dim = m.head_dim or m.hidden_size // m.num_heads
+    _check(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}",
+    )
+    _check(head_dim % 2 == 0, f"head dimension {head_dim} must be even for rotary embeddings")
+
+
+def to_trial_config(cfg: Any) -> TrialConfig:
+    """A TrialConfig object from a Hydra DictConfig (or pass one through)."""
+    if isinstance(cfg, TrialConfig):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        merged = OmegaConf.merge(OmegaConf.structured(TrialConfig), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    raise TypeError(f"expected a TrialConfig or DictConfig, got {type(cfg).__name__}")
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrialConfig",
+    "register_configs",
+    "to_trial_config",
+    "validate",
+]

@@ -1,0 +1,519 @@
+"""Rotten Tomatoes: load the splits, sample a ratio, format prompts, tokenize, pack, batch.
+
+Run `python -m trainer.data prepare --out DIR` to write the reference workflow's files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from trainer.config import ConfigError, DataConfig
+from trainer.tokenizer import Tokenizer, expand_cache_dir
+
+LABEL_NAMES = ("Negative", "Positive")  # index = label: 0 negative, 1 positive
+SPLITS = ("train", "validation", "test")
+_CORNELL_FILES = {1: "rt-polarity.pos", 0: "rt-polarity.neg"}  # positives first, as the README orders them
+_LABELS_BY_NAME = {"negative": 0, "positive": 1}
+# Kept from the end of an over-long prompt, so the "\n[Sentiment]:" cue survives truncation.
+PROMPT_TAIL_TOKENS = 8
+
+
+class DataError(ValueError):
+    """The data cannot be found or read; the message says where and what to do."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+@dataclass
+class Dataset:
+    """The three splits, where they came from, and how many bad lines each split skipped."""
+
+    splits: dict[str, list[Example]]
+    source: str
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+
+
+# ---------------------------------------------------------------- loading
+
+_Parsed = tuple[dict[str, list[Example]], dict[str, int]]  # splits, bad lines skipped per split
+
+# (content hash, on_bad_line) -> (splits, skipped counts), parsed once per process.
+_PARSED: dict[tuple[str, str], _Parsed] = {}
+
+
+def load_splits(cfg: DataConfig) -> dict[str, list[Example]]:
+    """{"train", "validation", "test"} -> examples; see `load_dataset` for where they come from."""
+    return load_dataset(cfg).splits
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The splits from `cfg.path`, else the folder in `$cfg.env_var`, else the hub dataset `cfg.hub_id`."""
+    if cfg.on_bad_line not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_line={cfg.on_bad_line!r}: expected 'error' or 'skip'")
+    if cfg.path:
+        folder, origin = Path(os.path.expanduser(cfg.path)), f"data.path={cfg.path}"
+    elif os.environ.get(cfg.env_var):
+        folder, origin = Path(os.path.expanduser(os.environ[cfg.env_var])), f"${cfg.env_var}={os.environ[cfg.env_var]}"
+    else:
+        folder, origin = _download_from_hub(cfg), f"hub dataset {cfg.hub_id}"
+    if not folder.is_dir():
+        raise DataError(f"{origin}: {folder} is not a folder; point data.path at a folder with rt-polarity.pos/.neg")
+    splits, skipped = _load_folder(folder, cfg.on_bad_line, origin)
+    # Fresh lists, so a caller that shuffles or appends cannot change the memoised copy.
+    fresh = {name: list(examples) for name, examples in splits.items()}
+    return Dataset(fresh, f"{origin} ({folder})", dict(skipped))
+
+
+def _download_from_hub(cfg: DataConfig) -> Path:
+    """A local snapshot of the hub dataset (its parquet or JSON split files)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            repo_id=cfg.hub_id, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl", "*.pos", "*.neg"]
+        )
+    except Exception as error:  # offline, gated or missing: the fix is the same local copy
+        raise DataError(
+            f"no local Rotten Tomatoes data and the hub dataset {cfg.hub_id!r} could not be downloaded "
+            f"({type(error).__name__}: {error}). Point at a local copy: data.path=/path/to/rotten_tomatoes "
+            f"or export {cfg.env_var}=/path/to/rotten_tomatoes (a folder with rt-polarity.pos and "
+            "rt-polarity.neg, or train/validation/test.jsonl)"
+        ) from error
+    return Path(folder)
+
+
+def _load_folder(folder: Path, on_bad_line: str, origin: str) -> _Parsed:
+    """Parse a folder once per process: the memo is keyed by the hash of the files read."""
+    if all((folder / name).is_file() for name in _CORNELL_FILES.values()):
+        files = {label: folder / name for label, name in _CORNELL_FILES.items()}
+        data_format, reader = "cornell", _read_cornell
+    elif all((folder / f"{split}.jsonl").is_file() for split in SPLITS):
+        files = {split: folder / f"{split}.jsonl" for split in SPLITS}
+        data_format, reader = "jsonl", _read_jsonl_splits
+    elif all(_find_parquet(folder, split) for split in SPLITS):
+        files = {split: _find_parquet(folder, split) for split in SPLITS}
+        data_format, reader = "parquet", _read_parquet_splits
+    else:
+        raise DataError(
+            f"{origin}: {folder} holds neither rt-polarity.pos + rt-polarity.neg nor "
+            "train.jsonl + validation.jsonl + test.jsonl; point data.path at such a folder"
+        )
+    contents = {key: path.read_bytes() for key, path in files.items()}
+    digest = hashlib.sha256(data_format.encode())
+    for key in sorted(contents, key=str):
+        digest.update(f"{key}:{len(contents[key])}:".encode())
+        digest.update(contents[key])
+    memo_key = (digest.hexdigest(), on_bad_line)
+    if memo_key not in _PARSED:
+        _PARSED[memo_key] = reader(files, contents, on_bad_line)
+    return _PARSED[memo_key]
+
+
+def _bad_line(path: Path, line_number: int, problem: str) -> DataError:
+    return DataError(
+        f"{path}:{line_number}: {problem}; fix the line, or set data.on_bad_line=skip to skip bad lines"
+    )
+
+
+def _read_cornell(files: dict[int, Path], contents: dict[int, bytes], on_bad_line: str) -> _Parsed:
+    """The README's split rule: 80% / 10% / 10% of each file, positives then negatives."""
+    splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
+    skipped = dict.fromkeys(SPLITS, 0)
+    for label in (1, 0):
+        # Split on b"\n" only: the files hold \x85, which str.splitlines would treat as a line break.
+        lines = contents[label].split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        n = len(lines)
+        bounds = {"train": (0, int(n * 0.8 + 0.5)), "validation": (int(n * 0.8 + 0.5), int(n * 0.9 + 0.5))}
+        bounds["test"] = (bounds["validation"][1], n)
+        for split, (start, stop) in bounds.items():
+            for index in range(start, stop):
+                text = lines[index].decode("latin-1").strip()
+                if not text:
+                    # Dropped after the index split, so one bad line never shifts the others.
+                    if on_bad_line == "error":
+                        raise _bad_line(files[label], index + 1, "empty review")
+                    skipped[split] += 1
+                    continue
+                splits[split].append(Example(text, label))
+    return splits, skipped
+
+
+def _read_jsonl_splits(files: dict[str, Path], contents: dict[str, bytes], on_bad_line: str) -> _Parsed:
+    splits: dict[str, list[Example]] = {}
+    skipped = dict.fromkeys(SPLITS, 0)
+    for split in SPLITS:
+        splits[split] = []
+        for line_number, raw in enumerate(contents[split].split(b"\n"), start=1):
+            if not raw.strip():
+                continue  # blank lines (e.g. a trailing one) are not records
+            try:
+                example = _parse_record(_decode_json_line(raw))
+            except ValueError as problem:
+                if on_bad_line == "error":
+                    raise _bad_line(files[split], line_number, str(problem)) from None
+                skipped[split] += 1
+                continue
+            splits[split].append(example)
+    return splits, skipped
+
+
+def _decode_json_line(raw: bytes) -> Any:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"bytes that are not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON ({error.msg} at column {error.colno})") from None
+
+
+def _parse_record(record: Any) -> Example:
+    """An Example from {"text": str, "label": 0 | 1 | "positive" | "negative"}; ValueError says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    for key in ("text", "label"):
+        if key not in record:
+            raise ValueError(f'missing field "{key}"')
+    text, label = record["text"], record["label"]
+    if not isinstance(text, str):
+        raise ValueError(f'"text" must be a string, got {type(text).__name__}')
+    if not text.strip():
+        raise ValueError('empty "text"')
+    if isinstance(label, str) and label.strip().lower() in _LABELS_BY_NAME:
+        label = _LABELS_BY_NAME[label.strip().lower()]
+    elif isinstance(label, (int, np.integer)) and not isinstance(label, bool) and int(label) in (0, 1):
+        label = int(label)
+    else:
+        raise ValueError(f'unknown label {label!r}; expected 0, 1, "negative" or "positive"')
+    return Example(text.strip(), label)
+
+
+def _find_parquet(folder: Path, split: str) -> Path | None:
+    """The parquet file of `split` in a hub snapshot (e.g. train.parquet, data/train-00000-of-00001.parquet)."""
+    matches = sorted(
+        path for path in folder.rglob("*.parquet") if path.stem == split or path.stem.startswith(f"{split}-")
+    )
+    return matches[0] if matches else None
+
+
+def _read_parquet_splits(files: dict[str, Path], contents: dict[str, bytes], on_bad_line: str) -> _Parsed:
+    import io
+
+    import pandas as pd
+
+    splits: dict[str, list[Example]] = {}
+    skipped = dict.fromkeys(SPLITS, 0)
+    for split in SPLITS:
+        frame = pd.read_parquet(io.BytesIO(contents[split]))
+        splits[split] = []
+        for row_number, record in enumerate(frame.to_dict(orient="records"), start=1):
+            try:
+                splits[split].append(_parse_record(record))
+            except ValueError as problem:
+                if on_bad_line == "error":
+                    raise _bad_line(files[split], row_number, f"row {row_number}: {problem}") from None
+                skipped[split] += 1
+    return splits, skipped
+
+
+# ---------------------------------------------------------------- sampling and prompts
+
+
+def sample_ratio(examples: Sequence[Example], ratio: float, seed: int) -> list[Example]:
+    """A seeded subset of int(ratio * N + 0.5) examples with the classes in the original proportions."""
+    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+        raise ConfigError(f"ratio={ratio} is outside (0, 1]; use e.g. ratio=0.9")
+    if ratio == 1.0:
+        return list(examples)
+    total = int(ratio * len(examples) + 0.5)
+    by_label: dict[int, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_label.setdefault(example.label, []).append(index)
+    labels = sorted(by_label)
+    # Largest remainder: floor each class's exact share, then hand out the rest by largest fraction.
+    shares = {label: total * len(by_label[label]) / len(examples) for label in labels}
+    counts = {label: math.floor(shares[label]) for label in labels}
+    by_fraction = sorted(labels, key=lambda label: (-(shares[label] - counts[label]), label))
+    for label in by_fraction[: total - sum(counts.values())]:
+        counts[label] += 1
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for label in labels:
+        indices = np.asarray(by_label[label])
+        chosen.extend(rng.permutation(indices)[: counts[label]].tolist())
+    return [examples[index] for index in sorted(chosen)]
+
+
+def prompt_text(review: str) -> str:
+    """The reference study's prompt: the model continues it with the sentiment."""
+    return f"[Text]: {review}\n[Sentiment]:"
+
+
+def answer_text(label: int) -> str:
+    return LABEL_NAMES[label]
+
+
+def full_text(example: Example) -> str:
+    return prompt_text(example.text) + " " + answer_text(example.label)
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+@dataclass
+class TokenizedSplit:
+    """Per example: BOS + prompt ids and answer ids (encoded separately, so training and scoring agree)."""
+
+    prompts: list[np.ndarray]
+    answers: list[np.ndarray]
+    labels: np.ndarray  # int32
+    candidate_answers: list[np.ndarray]  # ids of "Negative", "Positive": index = label
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per example as trained: prompt + answer + EOS, less the one that is never an input."""
+        return np.array([len(p) + len(a) for p, a in zip(self.prompts, self.answers)], dtype=np.int64)
+
+
+_TOKENIZED: dict[str, TokenizedSplit] = {}
+_TOKENIZED_FORMAT = "v1 BOS+prompt | answer"  # bump when the layout below changes
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer, cache_dir: str) -> TokenizedSplit:
+    """Token ids of the examples, cached on disk (`cache_dir`/tokenized) and in-process by content hash."""
+    digest = hashlib.sha256(f"{_TOKENIZED_FORMAT}|{tokenizer.fingerprint}|{prompt_text('')}".encode())
+    for example in examples:
+        encoded = example.text.encode("utf-8")
+        digest.update(f"{example.label}:{len(encoded)}:".encode())
+        digest.update(encoded)
+    key = digest.hexdigest()
+    if key in _TOKENIZED:
+        return _TOKENIZED[key]
+    path = expand_cache_dir(cache_dir) / "tokenized" / f"{key}.npz"
+    if path.is_file():
+        tokenized = _load_tokenized(path)
+    else:
+        prompts = tokenizer.encode_batch([prompt_text(example.text) for example in examples])
+        answers = tokenizer.encode_batch([answer_text(example.label) for example in examples])
+        tokenized = TokenizedSplit(
+            prompts=[np.asarray([tokenizer.bos_id, *ids], dtype=np.int32) for ids in prompts],
+            answers=[np.asarray(ids, dtype=np.int32) for ids in answers],
+            labels=np.asarray([example.label for example in examples], dtype=np.int32),
+            candidate_answers=[np.asarray(tokenizer.encode(name), dtype=np.int32) for name in LABEL_NAMES],
+        )
+        _save_tokenized(path, tokenized)
+    _TOKENIZED[key] = tokenized
+    return tokenized
+
+
+def _flatten(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(a) for a in arrays])
+    flat = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+    return flat, offsets
+
+
+def _unflatten(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    return [flat[start:stop] for start, stop in zip(offsets[:-1], offsets[1:])]
+
+
+def _save_tokenized(path: Path, tokenized: TokenizedSplit) -> None:
+    arrays = {"labels": tokenized.labels}
+    for name in ("prompts", "answers", "candidate_answers"):
+        arrays[f"{name}_ids"], arrays[f"{name}_offsets"] = _flatten(getattr(tokenized, name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Atomic write: parallel trials tokenizing the same split never read half a file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_tokenized(path: Path) -> TokenizedSplit:
+    with np.load(path) as saved:
+        parts = {
+            name: _unflatten(saved[f"{name}_ids"], saved[f"{name}_offsets"])
+            for name in ("prompts", "answers", "candidate_answers")
+        }
+        return TokenizedSplit(labels=saved["labels"], **parts)
+
+
+# ---------------------------------------------------------------- packing and batches
+
+
+@dataclass
+class PackedRows:
+    """Examples packed into fixed rows; every array is (num_rows, seq_len), padding has segment 0."""
+
+    inputs: np.ndarray  # int32
+    targets: np.ndarray  # int32
+    segment_ids: np.ndarray  # int32: 1, 2, 3... per example within a row, 0 = padding
+    positions: np.ndarray  # int32: restart at 0 for each example
+    loss_mask: np.ndarray  # float32
+    example_index: np.ndarray  # int32: which example of the split a token belongs to, -1 = padding
+    num_truncated: int = 0  # examples whose review was cut to fit seq_len
+
+    @property
+    def num_rows(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(np.count_nonzero(self.segment_ids))
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.segment_ids.max(axis=1, initial=0).sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.num_tokens / max(self.segment_ids.size, 1)
+
+
+def _fit_prompt(prompt: np.ndarray, answer_len: int, seq_len: int) -> tuple[np.ndarray, bool]:
+    """The prompt, with the end of its review cut if prompt + answer + EOS exceeds seq_len + 1 tokens."""
+    budget = seq_len - answer_len  # inputs are seq[:-1], so the EOS costs no input slot
+    if len(prompt) <= budget:
+        return prompt, False
+    review_budget = budget - 1 - PROMPT_TAIL_TOKENS
+    if review_budget < 0:
+        raise ConfigError(
+            f"data.seq_len={seq_len} cannot hold BOS, the last {PROMPT_TAIL_TOKENS} prompt tokens and a "
+            f"{answer_len}-token answer; use e.g. data.seq_len=128"
+        )
+    return np.concatenate([prompt[: 1 + review_budget], prompt[-PROMPT_TAIL_TOKENS:]]), True
+
+
+def pack(
+    tokenized: TokenizedSplit, seq_len: int, loss_on: str, eos_id: int, pad_id: int = 0, seed: int = 0
+) -> PackedRows:
+    """Pack the examples into rows of seq_len by best-fit decreasing, so little compute goes to padding."""
+    if loss_on not in ("all", "answer"):
+        raise ConfigError(f"data.loss_on={loss_on!r}: expected 'all' or 'answer'")
+    sequences, answer_starts, num_truncated = [], [], 0
+    for prompt, answer in zip(tokenized.prompts, tokenized.answers):
+        prompt, truncated = _fit_prompt(prompt, len(answer), seq_len)
+        num_truncated += truncated
+        sequences.append(np.concatenate([prompt, answer, [eos_id]]).astype(np.int32))
+        answer_starts.append(len(prompt))
+    lengths = np.array([len(sequence) - 1 for sequence in sequences], dtype=np.int64)
+
+    # Longest first; the seeded shuffle only decides the order among equal lengths.
+    shuffled = np.random.default_rng(seed).permutation(len(sequences))
+    order = shuffled[np.argsort(-lengths[shuffled], kind="stable")]
+    # rows_with_room[r]: rows with exactly r free slots, so best fit is a scan over r, not over rows.
+    rows_with_room: list[list[int]] = [[] for _ in range(seq_len + 1)]
+    row_items: list[list[int]] = []
+    for index in order:
+        length = int(lengths[index])
+        room = next((r for r in range(length, seq_len + 1) if rows_with_room[r]), None)
+        if room is None:
+            row, room = len(row_items), seq_len
+            row_items.append([])
+        else:
+            row = rows_with_room[room].pop()
+        row_items[row].append(int(index))
+        rows_with_room[room - length].append(row)
+
+    shape = (len(row_items), seq_len)
+    inputs, targets = np.full(shape, pad_id, np.int32), np.full(shape, pad_id, np.int32)
+    segment_ids, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    loss_mask, example_index = np.zeros(shape, np.float32), np.full(shape, -1, np.int32)
+    for row, items in enumerate(row_items):
+        start = 0
+        for segment, index in enumerate(items, start=1):
+            sequence, stop = sequences[index], start + int(lengths[index])
+            inputs[row, start:stop], targets[row, start:stop] = sequence[:-1], sequence[1:]
+            segment_ids[row, start:stop], example_index[row, start:stop] = segment, index
+            positions[row, start:stop] = np.arange(stop - start)
+            # Target j is token j + 1: the answer and EOS are targets from answer_start - 1 on.
+            first_loss = 0 if loss_on == "all" else answer_starts[index] - 1
+            loss_mask[row, start + first_loss : stop] = 1.0
+            start = stop
+    return PackedRows(inputs, targets, segment_ids, positions, loss_mask, example_index, num_truncated)
+
+
+_BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def steps_per_epoch(rows: PackedRows, batch_size: int) -> int:
+    return math.ceil(rows.num_rows / batch_size)
+
+
+def batches(rows: PackedRows, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Endless (batch_size, seq_len) batches, rows reshuffled each epoch; a short last batch wraps around."""
+    if rows.num_rows == 0:
+        raise ValueError("no packed rows to batch; the training split is empty")
+    rng = np.random.default_rng(seed)
+    steps = steps_per_epoch(rows, batch_size)
+    while True:
+        # np.resize repeats the permutation, filling the last batch (or a batch larger than the data).
+        order = np.resize(rng.permutation(rows.num_rows), steps * batch_size)
+        for step in range(steps):
+            take = order[step * batch_size : (step + 1) * batch_size]
+            yield {key: getattr(rows, key)[take] for key in _BATCH_KEYS}
+
+
+# ---------------------------------------------------------------- prepare command
+
+
+def prepare(out: Path, cfg: DataConfig) -> tuple[dict[str, int], Dataset]:
+    """Write the reference workflow's files (split JSONL, eval requests, labels); returns counts per file."""
+    dataset = load_dataset(cfg)
+    splits = dataset.splits
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, int] = {}
+    for split, examples in splits.items():
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for example in examples:
+                handle.write(json.dumps({"text": full_text(example)}, ensure_ascii=False) + "\n")
+        written[f"{split}.jsonl"] = len(examples)
+    for split in ("test", "validation"):
+        request = {"prefix_text": [prompt_text(example.text) for example in splits[split]]}
+        (out / f"{split}_eval_request.json").write_text(json.dumps(request, ensure_ascii=False), encoding="utf-8")
+        (out / f"{split}_labels.json").write_text(json.dumps([example.label for example in splits[split]]))
+        written[f"{split}_eval_request.json"] = written[f"{split}_labels.json"] = len(splits[split])
+    return written, dataset
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare_parser = commands.add_parser("prepare", help="write split JSONL, eval requests and labels")
+    prepare_parser.add_argument("--out", type=Path, required=True, help="folder to write into")
+    prepare_parser.add_argument("--data-path", help="folder with rt-polarity.pos/.neg or split JSONL files")
+    prepare_parser.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
+    args = parser.parse_args(argv)
+    cfg = DataConfig(path=args.data_path, on_bad_line=args.on_bad_line)
+    try:
+        written, dataset = prepare(args.out, cfg)
+    except DataError as error:
+        parser.exit(1, f"error: {error}\n")
+    print(f"read {dataset.source}")
+    for name, count in written.items():
+        print(f"wrote {args.out / name}: {count} examples")
+    if any(dataset.skipped.values()):
+        print(f"skipped bad lines: {dataset.skipped}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Test-set evaluation: label scoring or generation, then accuracy, per-class scores, confusion.
+
+`score` compares the log-likelihood of each label continuation (label tokens + EOS) after the
+prompt: deterministic. `generate` samples a short answer at `temperature` (0 is greedy) and
+parses it; an answer that is neither label is invalid and counts as wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trainer.data import LABEL_NAMES
+from trainer.model import token_losses
+
+INVALID = -1
+# A trial whose predictions are at least this share one class is flagged as degenerate.
+DEGENERATE_SHARE = 0.95
+_LENGTH_BUCKET = 16
+
+
+def _bucket(length: int) -> int:
+    return -(-length // _LENGTH_BUCKET) * _LENGTH_BUCKET
+
+
+@functools.lru_cache(maxsize=None)
+def _sequence_logprob_fn(graphdef: nnx.GraphDef):
+    @jax.jit
+    def logprob(params, inputs_BxT, targets_BxT, mask_BxT):
+        model = nnx.merge(graphdef, params)
+        logits = model(inputs_BxT)
+        return -jnp.sum(token_losses(logits, targets_BxT) * mask_BxT, axis=-1)
+
+    return logprob
+
+
+def score_candidates(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompts: Sequence[np.ndarray],
+    candidates: Sequence[np.ndarray],
+    eos_id: int,
+    batch_size: int,
+) -> np.ndarray:
+    """Log-likelihood (N, C) of each candidate continuation + EOS after each prompt."""
+    fn = _sequence_logprob_fn(graphdef)
+    sequences = []  # (example, candidate, full token list, number of prompt tokens)
+    for i, prompt in enumerate(prompts):
+        for c, cand in enumerate(candidates):
+            sequences.append((i, c, np.concatenate([prompt, cand, [eos_id]]).astype(np.int32), len(prompt)))
+    # Sort by length so each padded batch wastes little; buckets bound the compiled shapes.
+    order = sorted(range(len(sequences)), key=lambda k: len(sequences[k][2]))
+    scores = np.zeros((len(prompts), len(candidates)), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        chunk = [sequences[k] for k in order[start : start + batch_size]]
+        width = _bucket(max(len(s[2]) for s in chunk) - 1)
+        inputs = np.zeros((batch_size, width), np.int32)
+        targets = np.zeros((batch_size, width), np.int32)
+        mask = np.zeros((batch_size, width), np.float32)
+        for row, (_, _, seq, prompt_len) in enumerate(chunk):
+            n = len(seq) - 1
+            inputs[row, :n] = seq[:-1]
+            targets[row, :n] = seq[1:]
+            mask[row, prompt_len - 1 : n] = 1.0  # only the continuation's tokens
+        logprobs = np.asarray(fn(params, inputs, targets, mask))
+        for row, (i, c, _, _) in enumerate(chunk):
+            scores[i, c] = logprobs[row]
+    return scores
+
+
+@functools.lru_cache(maxsize=None)
+def _generate_fn(graphdef: nnx.GraphDef, max_new_tokens: int):
+    @jax.jit
+    def generate(params, buffer_BxL, lengths_B, temperature, key):
+        model = nnx.merge(graphdef, params)
+        batch = jnp.arange(buffer_BxL.shape[0])
+
+        def one_token(t, carry):
+            buffer, key = carry
+            # Recomputes the prefix each token: answers here are a few tokens long.
+            logits = model(buffer)[batch, lengths_B + t - 1]
+            key, sub = jax.random.split(key)
+            sampled = jax.random.categorical(sub, logits / jnp.maximum(temperature, 1e-6))
+            token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))
+            return buffer.at[batch, lengths_B + t].set(token.astype(buffer.dtype)), key
+
+        buffer, _ = jax.lax.fori_loop(0, max_new_tokens, one_token, (buffer_BxL, key))
+        return buffer
+
+    return generate
+
+
+def generate_answers(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompts: Sequence[np.ndarray],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+) -> list[list[int]]:
+    """Up to max_new_tokens sampled after each prompt (the caller decodes and parses them)."""
+    fn = _generate_fn(graphdef, max_new_tokens)
+    key = jax.random.key(seed)
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = _bucket(max(len(prompts[i]) for i in idx) + max_new_tokens)
+        buffer = np.zeros((batch_size, width), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for row, i in enumerate(idx):
+            buffer[row, : len(prompts[i])] = prompts[i]
+            lengths[row] = len(prompts[i])
+        key, sub = jax.random.split(key)
+        result = np.asarray(fn(params, buffer, lengths, jnp.float32(temperature), sub))
+        for row, i in enumerate(idx):
+            outputs[i] = result[row, lengths[row] : lengths[row] + max_new_tokens].tolist()
+    return outputs
+
+
+def parse_answer(text: str) -> int:
+    """The label a generated answer names, or INVALID."""
+    words = text.strip().split()
+    if not words:
+        return INVALID
+    first = words[0].strip(".,!:;\"'").lower()
+    for label, name in enumerate(LABEL_NAMES):
+        if first == name.lower():
+            return label
+    return INVALID
+
+
+@dataclass
+class EvalReport:
+    split: str
+    accuracy: float
+    invalid_rate: float
+    majority_share: float
+    degenerate: bool
+    precision: list[float]  # per class, index = label
+    recall: list[float]
+    f1: list[float]
+    confusion: list[list[int]]  # rows: true label; columns: predicted Negative, Positive, invalid
+    num_examples: int
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {
+            f"{prefix}accuracy": self.accuracy,
+            f"{prefix}invalid_rate": self.invalid_rate,
+            f"{prefix}majority_share": self.majority_share,
+            f"{prefix}f1_macro": float(np.mean(self.f1)),
+        }
+        for label, name in enumerate(LABEL_NAMES):
+            n = name.lower()
+            out[f"{prefix}precision_{n}"] = self.precision[label]
+            out[f"{prefix}recall_{n}"] = self.recall[label]
+            out[f"{prefix}f1_{n}"] = self.f1[label]
+        return out
+
+
+def classification_report(split: str, labels: np.ndarray, predictions: np.ndarray) -> EvalReport:
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    n = len(labels)
+    confusion = np.zeros((len(LABEL_NAMES), len(LABEL_NAMES) + 1), dtype=int)
+    for y, p in zip(labels, predictions):
+        confusion[y, p if p != INVALID else len(LABEL_NAMES)] += 1
+    precision, recall, f1 = [], [], []
+    for c in range(len(LABEL_NAMES)):
+        tp = confusion[c, c]
+        predicted = confusion[:, c].sum()
+        actual = confusion[c].sum()
+        p = tp / predicted if predicted else 0.0
+        r = tp / actual if actual else 0.0
+        precision.append(float(p))
+        recall.append(float(r))
+        f1.append(float(2 * p * r / (p + r)) if p + r else 0.0)
+    counts = np.bincount(np.where(predictions == INVALID, len(LABEL_NAMES), predictions), minlength=3)
+    majority_share = float(counts.max() / n) if n else 0.0
+    return EvalReport(
+        split=split,
+        accuracy=float(np.mean(labels == predictions)) if n else 0.0,
+        invalid_rate=float(np.mean(predictions == INVALID)) if n else 0.0,
+        majority_share=majority_share,
+        degenerate=majority_share >= DEGENERATE_SHARE,
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        confusion=confusion.tolist(),
+        num_examples=n,
+    )
+
+
+def evaluate_split(
+    split: str,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokenized,
+    tokenizer,
+    eval_cfg,
+    *,
+    seed: int,
+    prompt_texts: Optional[Sequence[str]] = None,
+    predictions_path: Optional[Path] = None,
+) -> EvalReport:
+    """Evaluate one tokenized split; optionally write predictions JSONL."""
+    prompts = list(tokenized.prompts)
+    labels = np.asarray(tokenized.labels)
+    if eval_cfg.max_examples is not None:
+        prompts, labels = prompts[: eval_cfg.max_examples], labels[: eval_cfg.max_examples]
+    scores = None
+    if eval_cfg.mode == "score":
+        scores = score_candidates(
+            graphdef, params, prompts, tokenized.candidate_answers, tokenizer.eos_id, eval_cfg.batch_size
+        )
+        predictions = np.argmax(scores, axis=1)
+        outputs = [LABEL_NAMES[p] for p in predictions]
+    else:
+        generated = generate_answers(
+            graphdef,
+            params,
+            prompts,
+            max_new_tokens=eval_cfg.max_new_tokens,
+            temperature=eval_cfg.temperature,
+            batch_size=eval_cfg.batch_size,
+            seed=seed,
+        )
+        outputs = [tokenizer.decode(_until_eos(ids, tokenizer.eos_id)) for ids in generated]
+        predictions = np.array([parse_answer(o) for o in outputs])
+    report = classification_report(split, labels, predictions)
+    if predictions_path is not None:
+        predictions_path.parent.mkdir(parents=True, exist_ok=True)
+        with predictions_path.open("w", encoding="utf-8") as f:
+            for i, (label, pred, output) in enumerate(zip(labels, predictions, outputs)):
+                record = {
+                    "prompt": prompt_texts[i] if prompt_texts is not None else tokenizer.decode(prompts[i][1:]),
+                    "output": output,
+                    "label": LABEL_NAMES[int(label)],
+                    "correct": bool(pred == label),
+                }
+                if scores is not None:
+                    record["scores"] = {name: float(s) for name, s in zip(LABEL_NAMES, scores[i])}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return report
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids

@@ -1,0 +1,221 @@
+"""One pure jitted train step and the loop that drives it.
+
+`train_step(state, batch) -> (state, metrics)` is compiled once per (model shape, optimizer
+structure, gradient accumulation); the sweepable numbers ride in `state.hparams`, so a second
+trial that changes only lr / warmup / betas / weight decay reuses the compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from trainer.model import Llama, token_losses
+from trainer.optim import Hyperparams, Optimizer
+
+Batch = dict  # inputs, targets, segment_ids, positions, loss_mask: (B, T) arrays
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # updates applied so far
+    params: nnx.State
+    opt_state: object
+    hparams: Hyperparams
+    tokens_seen: jax.Array  # real (non-padding) training tokens consumed so far
+
+
+def create_state(model: Llama, optimizer: Optimizer, hparams: Hyperparams) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        hparams=hparams,
+        tokens_seen=jnp.zeros((), jnp.float32),
+    )
+    return graphdef, state
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked token losses, number of loss tokens) for one micro-batch."""
+    model = nnx.merge(graphdef, params)
+    logits_BxTxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    losses_BxT = token_losses(logits_BxTxV, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(losses_BxT * mask), jnp.sum(mask)
+
+
+@functools.lru_cache(maxsize=None)
+def make_train_step(graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int) -> Callable:
+    """The jitted step for one model structure; cached so every trial in a process shares it."""
+
+    def micro_grads(params, micro):
+        (loss_sum, count), grads = jax.value_and_grad(
+            lambda p: loss_sums(graphdef, p, micro), has_aux=True
+        )(params)
+        return grads, loss_sum, count
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        if grad_accum == 1:
+            grads, loss_sum, count = micro_grads(state.params, batch)
+        else:
+            micro_batches = jax.tree.map(
+                lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
+            )
+
+            def accumulate(carry, micro):
+                grads, loss_sum, count = micro_grads(state.params, micro)
+                acc_grads, acc_loss, acc_count = carry
+                return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum, acc_count + count), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, loss_sum, count), _ = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro_batches
+            )
+        # Mean over every loss token of the whole update, however it was split.
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state, lr, grad_norm = optimizer.update(
+            grads, state.opt_state, state.params, step=state.step, h=state.hparams
+        )
+        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+        tokens = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, tokens_seen=state.tokens_seen + tokens
+        )
+        metrics = {
+            "loss": loss_sum / denom,
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tokens_seen": new_state.tokens_seen,
+        }
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+@dataclass
+class StepRecord:
+    step: int  # 1-based index of the update
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    tokens_per_second: float
+    tokens_seen: float
+
+
+@dataclass
+class TrainOutcome:
+    state: TrainState
+    status: str  # "finished" | "diverged"
+    steps_done: int
+    history: list[StepRecord] = field(default_factory=list)
+    message: str = ""
+    compile_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+def train_loop(
+    step_fn: Callable,
+    state: TrainState,
+    batches: Iterator[Batch],
+    total_steps: int,
+    *,
+    put_batch: Callable[[Batch], Batch] = lambda b: b,
+    callback: Optional[Callable[[StepRecord], None]] = None,
+) -> TrainOutcome:
+    """Run `total_steps` updates; stop early with status "diverged" on a non-finite loss.
+
+    Metrics are read one step late so the host never waits on the step it just launched.
+    """
+    history: list[StepRecord] = []
+    pending: Optional[tuple[int, dict]] = None
+    compile_seconds = 0.0
+    start = time.perf_counter()
+    last_time = start
+    next_batch = put_batch(next(batches))
+
+    def settle(record_step: int, metrics: dict) -> StepRecord:
+        nonlocal last_time
+        values = jax.device_get(metrics)
+        now = time.perf_counter()
+        # Step 1's time is its compilation plus its run.
+        elapsed = compile_seconds if record_step == 1 else max(now - last_time, 1e-9)
+        last_time = now
+        record = StepRecord(
+            step=record_step,
+            loss=float(values["loss"]),
+            learning_rate=float(values["learning_rate"]),
+            grad_norm=float(values["grad_norm"]),
+            tokens_per_second=float(values["tokens"]) / elapsed,
+            tokens_seen=float(values["tokens_seen"]),
+        )
+        history.append(record)
+        if callback is not None:
+            callback(record)
+        return record
+
+    for step in range(1, total_steps + 1):
+        batch = next_batch
+        launched = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        if step == 1:
+            # The first call compiles; time it apart from training throughput.
+            jax.block_until_ready(metrics["loss"])
+            compile_seconds = time.perf_counter() - launched
+            last_time = time.perf_counter()
+            start = last_time
+        if step < total_steps:
+            next_batch = put_batch(next(batches))  # prepared while the step runs
+        if pending is not None:
+            record = settle(*pending)
+            if not math.isfinite(record.loss):
+                return _diverged(state, record, history, compile_seconds, start)
+        pending = (step, metrics)
+    record = settle(*pending) if pending is not None else None
+    if record is not None and not math.isfinite(record.loss):
+        return _diverged(state, record, history, compile_seconds, start)
+    jax.block_until_ready(state.step)
+    return TrainOutcome(
+        state=state,
+        status="finished",
+        steps_done=total_steps,
+        history=history,
+        compile_seconds=compile_seconds,
+        train_seconds=time.perf_counter() - start,
+    )
+
+
+def _diverged(state, record: StepRecord, history, compile_seconds, start) -> TrainOutcome:
+    return TrainOutcome(
+        state=state,
+        status="diverged",
+        steps_done=record.step,
+        history=history,
+        message=f"diverged at step {record.step}: loss is {record.loss}",
+        compile_seconds=compile_seconds,
+        train_seconds=time.perf_counter() - start,
+    )
+
+
+def total_steps_for(train_cfg, steps_per_epoch: int) -> int:
+    if train_cfg.total_steps is not None:
+        return int(train_cfg.total_steps)
+    return max(1, int(math.ceil(train_cfg.epochs * steps_per_epoch)))
+
+
+def as_device_batch(batch: Batch, sharding=None) -> Batch:
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    if sharding is None:
+        return jax.device_put(arrays)
+    return jax.device_put(arrays, sharding)

@@ -1,0 +1,173 @@
+"""One trial: data -> tokenizer -> model -> train -> evaluate, as a plain function.
+
+`run_trial(cfg) -> TrialResult` is what both `python -m trainer` and the sweeper call. It knows
+nothing of MLflow: step records go to an optional callback, everything else is returned.
+Work that doesn't depend on the swept numbers (data, tokenization, packing, base weights,
+compiled steps) is memoised per process, so trial 2..N of an in-process sweep skip it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trainer import data as data_lib
+from trainer import sharding as sharding_lib
+from trainer.config import TrialConfig, to_trial_config, validate
+from trainer.evaluate import EvalReport, evaluate_split
+from trainer.model import Llama, LlamaShape, init_model
+from trainer.optim import Hyperparams, Optimizer
+from trainer.tokenizer import Tokenizer, load_tokenizer
+from trainer.train import StepRecord, create_state, make_train_step, total_steps_for, train_loop
+
+from flax import nnx
+
+
+@dataclass
+class TrialResult:
+    status: str  # finished | diverged
+    metrics: dict[str, float]
+    message: str = ""
+    reports: dict[str, EvalReport] = field(default_factory=dict)  # "test", "before/test", ...
+    history: list[StepRecord] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> path
+
+
+def _cache_dir(cfg: TrialConfig) -> str:
+    return os.path.expanduser(cfg.data.cache_dir)
+
+
+def get_tokenizer(cfg: TrialConfig, train_examples) -> Tokenizer:
+    """Trained on the whole train split (cached on disk by content), so every ratio shares it."""
+    texts = [data_lib.full_text(e) for e in train_examples]
+    return load_tokenizer(cfg.model, texts, _cache_dir(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _base_model(shape: LlamaShape, checkpoint: Optional[str], seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+    """Base weights, loaded or initialised once per process; trials copy them."""
+    if checkpoint:
+        from trainer.checkpoint import load_llama_weights
+
+        model = load_llama_weights(checkpoint, shape)
+    else:
+        model = init_model(shape, seed)
+    return nnx.split(model, nnx.Param)
+
+
+def model_shape(cfg: TrialConfig) -> LlamaShape:
+    if cfg.model.checkpoint:
+        from trainer.checkpoint import shape_from_checkpoint
+
+        return shape_from_checkpoint(cfg.model.checkpoint, cfg.model)
+    return LlamaShape.from_config(cfg.model)
+
+
+def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None) -> TrialResult:
+    """Fine-tune, evaluate before and after, and return what was measured."""
+    wall_start = time.perf_counter()
+    cfg = to_trial_config(cfg)
+    validate(cfg)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    splits = data_lib.load_splits(cfg.data)
+    train_examples = data_lib.sample_ratio(splits["train"], cfg.ratio, cfg.seed)
+    tokenizer = get_tokenizer(cfg, splits["train"])
+    cache_dir = _cache_dir(cfg)
+    tokenized_train = data_lib.tokenize_examples(train_examples, tokenizer, cache_dir)
+    rows = data_lib.pack(tokenized_train, cfg.data.seq_len, cfg.data.loss_on, tokenizer.eos_id, seed=cfg.seed)
+    eval_sets = {
+        split: data_lib.tokenize_examples(splits[split], tokenizer, cache_dir) for split in cfg.eval.splits
+    }
+    timings["data_seconds"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    shape = model_shape(cfg)
+    if tokenizer.vocab_size > shape.vocab_size:
+        from trainer.config import ConfigError
+
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size={shape.vocab_size}; "
+            f"set model.vocab_size={tokenizer.vocab_size}"
+        )
+    graphdef, base_params = _base_model(shape, cfg.model.checkpoint, cfg.seed)
+    timings["model_seconds"] = time.perf_counter() - t0
+
+    mesh = sharding_lib.make_mesh(cfg.train.mesh)
+    steps_per_epoch = data_lib.steps_per_epoch(rows, cfg.train.batch_size)
+    total_steps = total_steps_for(cfg.train, steps_per_epoch)
+    hparams = Hyperparams.create(lr=cfg.lr, warmup=cfg.warmup, total_steps=total_steps, cfg=cfg.optim)
+    optimizer = Optimizer.from_config(cfg.optim)
+    # A fresh copy: the step donates its input state, and the base weights serve later trials.
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, base_params))
+    graphdef, state = create_state(model, optimizer, hparams)
+    state = sharding_lib.shard_state(state, mesh)
+    step_fn = make_train_step(graphdef, optimizer, cfg.train.grad_accum)
+    put_batch = functools.partial(sharding_lib.put_batch, mesh=mesh)
+
+    reports: dict[str, EvalReport] = {}
+    artifacts: dict[str, str] = {}
+
+    def evaluate(params, prefix: str) -> None:
+        for split, tokenized in eval_sets.items():
+            name = f"{prefix}{split}"
+            path = output_dir / f"predictions_{name.replace('/', '_')}.jsonl" if cfg.eval.predictions else None
+            texts = [data_lib.prompt_text(e.text) for e in splits[split]]
+            reports[name] = evaluate_split(
+                split, graphdef, params, tokenized, tokenizer, cfg.eval,
+                seed=cfg.seed, prompt_texts=texts, predictions_path=path,
+            )
+            if path is not None:
+                artifacts[f"predictions_{name.replace('/', '_')}"] = str(path)
+
+    t0 = time.perf_counter()
+    if cfg.eval.before_training:
+        evaluate(state.params, "before/")
+    timings["eval_before_seconds"] = time.perf_counter() - t0
+
+    batches = data_lib.batches(rows, cfg.train.batch_size, cfg.seed)
+    outcome = train_loop(step_fn, state, batches, total_steps, put_batch=put_batch, callback=callback)
+
+    t0 = time.perf_counter()
+    if outcome.status == "finished":
+        evaluate(outcome.state.params, "")
+    timings["eval_seconds"] = time.perf_counter() - t0
+
+    metrics: dict[str, float] = {
+        "train_examples": float(rows.num_examples),
+        "train_tokens": float(outcome.history[-1].tokens_seen) if outcome.history else 0.0,
+        "padding_fraction": float(rows.padding_fraction),
+        "steps": float(outcome.steps_done),
+        "total_steps": float(total_steps),
+        "compile_seconds": outcome.compile_seconds,
+        "train_seconds": outcome.train_seconds,
+        **timings,
+    }
+    if outcome.history:
+        metrics["final_loss"] = outcome.history[-1].loss
+        steady = [r.tokens_per_second for r in outcome.history[1:]] or [outcome.history[0].tokens_per_second]
+        metrics["tokens_per_second"] = float(np.median(steady))
+    for name, report in reports.items():
+        prefix = name.replace("/", "_") + "_"
+        metrics.update(report.metrics(prefix))
+        metrics[prefix + "degenerate"] = float(report.degenerate)
+    metrics["wall_seconds"] = time.perf_counter() - wall_start
+    return TrialResult(
+        status=outcome.status,
+        metrics=metrics,
+        message=outcome.message,
+        reports=reports,
+        history=outcome.history,
+        artifacts=artifacts,
+    )
