@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from flax import nnx
+
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError, load_hf_weights, load_into, load_llama, model_config_from_hf
 from trainer.config import ModelConfig
@@ -51,6 +53,11 @@ def random_hf_model(seed: int, **overrides) -> LlamaForCausalLM:
             else:
                 param.normal_(0.0, 0.15)
     return model
+
+
+@nnx.jit
+def forward(model, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    return model(tokens_BxT, positions_BxT, segment_ids_BxT)
 
 
 def hf_logits(model: LlamaForCausalLM, tokens: np.ndarray) -> np.ndarray:
@@ -116,7 +123,7 @@ def copy_checkpoint(source, destination, edit):
 @pytest.mark.parametrize("layout", ["safetensors", "sharded_safetensors", "pytorch_bin", "sharded_pytorch_bin"])
 def test_logits_match_transformers(reference, layout):
     model = load_llama(reference["folders"][layout])
-    logits = np.asarray(model(jnp.asarray(reference["tokens"])))
+    logits = np.asarray(forward(model, jnp.asarray(reference["tokens"])))
     assert np.abs(reference["logits"]).max() > 1.0  # the tolerance below is meaningful
     np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-4)
 
@@ -124,7 +131,7 @@ def test_logits_match_transformers(reference, layout):
 def test_load_into_existing_model_matches_transformers(reference):
     cfg = checkpoint.checkpoint_model_config(ModelConfig(), reference["folders"]["safetensors"])
     model = load_into(init_model(LlamaShape.from_config(cfg), seed=1), reference["folders"]["safetensors"])
-    logits = np.asarray(model(jnp.asarray(reference["tokens"])))
+    logits = np.asarray(forward(model, jnp.asarray(reference["tokens"])))
     np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-4)
 
 
@@ -134,7 +141,8 @@ def test_tied_embeddings_copy_the_embedding_into_the_head(tmp_path):
     tokens = np.random.default_rng(1).integers(0, 256, size=(BATCH, LENGTH))
     model = load_llama(tmp_path)
     np.testing.assert_array_equal(np.asarray(model.head_DxV[...]), np.asarray(model.embed_VxD[...]).T)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), hf_logits(hf, tokens), rtol=0, atol=1e-4)
+    logits = np.asarray(forward(model, jnp.asarray(tokens)))
+    np.testing.assert_allclose(logits, hf_logits(hf, tokens), rtol=0, atol=1e-4)
 
 
 def test_bfloat16_safetensors_load_as_their_exact_values(reference, tmp_path):
@@ -166,7 +174,7 @@ def test_changing_a_token_changes_no_earlier_logit(ours, reference):
     changed = tokens.copy()
     t = 11
     changed[0, t] = (tokens[0, t] + 1) % 256
-    before, after = np.asarray(ours(jnp.asarray(tokens))), np.asarray(ours(jnp.asarray(changed)))
+    before, after = np.asarray(forward(ours, jnp.asarray(tokens))), np.asarray(forward(ours, jnp.asarray(changed)))
     np.testing.assert_array_equal(after[:, :t], before[:, :t])
     assert np.abs(after[:, t:] - before[:, t:]).max(axis=-1).min() > 1e-3  # every later position sees it
 
@@ -176,13 +184,15 @@ def test_packed_examples_match_each_example_alone(ours):
     examples = [rng.integers(0, 256, size=length) for length in (5, 8, 7)]
     padding = 4
     tokens = np.concatenate(examples + [np.zeros(padding, dtype=int)])[None]
-    segment_ids = np.concatenate([np.full(len(e), i + 1) for i, e in enumerate(examples)] + [np.zeros(padding)])[None]
-    positions = np.concatenate([np.arange(len(e)) for e in examples] + [np.arange(padding)])[None]
-    packed = np.asarray(ours(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segment_ids, dtype=jnp.int32)))
+    segment_ids = np.concatenate([np.full(len(e), i + 1) for i, e in enumerate(examples)] + [np.zeros(padding)])
+    positions = np.concatenate([np.arange(len(e)) for e in examples] + [np.arange(padding)])
+    packed = np.asarray(
+        forward(ours, jnp.asarray(tokens), jnp.asarray(positions[None]), jnp.asarray(segment_ids[None], dtype=jnp.int32))
+    )
 
     start = 0
     for example in examples:
-        alone = np.asarray(ours(jnp.asarray(example[None])))
+        alone = np.asarray(forward(ours, jnp.asarray(example[None])))
         np.testing.assert_allclose(packed[:, start : start + len(example)], alone, rtol=0, atol=1e-5)
         start += len(example)
 
@@ -191,12 +201,13 @@ def test_padding_after_a_sequence_changes_none_of_its_logits(ours):
     rng = np.random.default_rng(3)
     real, padding = 14, 10
     tokens_alone = rng.integers(0, 256, size=(1, real))
-    alone = np.asarray(ours(jnp.asarray(tokens_alone)))
+    alone = np.asarray(forward(ours, jnp.asarray(tokens_alone)))
     segment_ids = jnp.asarray(np.concatenate([np.ones(real), np.zeros(padding)])[None], dtype=jnp.int32)
     positions = jnp.arange(real + padding)[None]
     for fill in range(2):
         pad_tokens = rng.integers(0, 256, size=(1, padding))
-        padded = np.asarray(ours(jnp.asarray(np.concatenate([tokens_alone, pad_tokens], axis=1)), positions, segment_ids))
+        tokens = jnp.asarray(np.concatenate([tokens_alone, pad_tokens], axis=1))
+        padded = np.asarray(forward(ours, tokens, positions, segment_ids))
         assert np.isfinite(padded).all()
         np.testing.assert_allclose(padded[:, :real], alone, rtol=0, atol=1e-5)
 
@@ -242,7 +253,8 @@ def test_transformers_v5_config_maps_rope_parameters_and_head_dim(reference):
     values = model_config_from_hf(reference["folders"]["safetensors"])
     assert values["num_kv_heads"] == 2 and values["num_heads"] == 4 and values["num_layers"] == 2
     assert values["head_dim"] == 16 and values["rope_theta"] == 10000.0 and values["rms_norm_eps"] == 1e-6
-    cfg = checkpoint.checkpoint_model_config(ModelConfig(dtype="bfloat16", checkpoint="x"), reference["folders"]["safetensors"])
+    folder = reference["folders"]["safetensors"]
+    cfg = checkpoint.checkpoint_model_config(ModelConfig(dtype="bfloat16", checkpoint="x"), folder)
     assert (cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.checkpoint) == (256, 64, "bfloat16", "x")
 
 
@@ -280,7 +292,9 @@ def test_missing_tensor_is_named(reference, tmp_path):
 
 def test_wrong_shape_is_named(reference, tmp_path):
     name = "model.layers.0.self_attn.k_proj.weight"
-    folder = copy_checkpoint(reference["folders"]["safetensors"], tmp_path / "ckpt", lambda t: {**t, name: t[name][:16]})
+    folder = copy_checkpoint(
+        reference["folders"]["safetensors"], tmp_path / "ckpt", lambda t: {**t, name: t[name][:16]}
+    )
     with pytest.raises(CheckpointError, match=rf"{name.replace('.', '[.]')} .*\(16, 64\)"):
         load_llama(folder)
 

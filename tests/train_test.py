@@ -144,3 +144,22 @@ def test_train_loop_reports_every_step_and_tokens_seen():
     assert [r.step for r in records] == [1, 2, 3, 4, 5]
     assert [r.tokens_seen for r in records] == [64.0 * k for k in range(1, 6)]
     assert int(outcome.state.step) == 5
+
+
+def test_head_on_loss_positions_only_gives_the_same_loss_and_gradients():
+    from trainer.train import loss_sums, max_loss_positions
+
+    graphdef, state = create_state(init_model(SHAPE, 0), Optimizer(), Hyperparams.create(
+        lr=1e-3, warmup=0, total_steps=1, cfg=OptimConfig()))
+    batch = random_batch(3, batch=4, length=32)
+    rng = np.random.default_rng(0)
+    batch["loss_mask"] = (rng.random((4, 32)) < 0.15).astype(np.float32)
+    k = max_loss_positions(batch["loss_mask"], 32)
+    assert k is not None and k >= batch["loss_mask"].sum(axis=1).max()
+    full = jax.value_and_grad(lambda p: loss_sums(graphdef, p, batch)[0])(state.params)
+    gathered = jax.value_and_grad(lambda p: loss_sums(graphdef, p, batch, k)[0])(state.params)
+    assert float(gathered[0]) == pytest.approx(float(full[0]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(full[1]), jax.tree.leaves(gathered[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # Most tokens carrying a loss: no gathering.
+    assert max_loss_positions(np.ones((4, 32)), 32) is None

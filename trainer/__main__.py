@@ -15,13 +15,14 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
     from trainer.data import DataError
     from trainer.trial import run_trial
 
     try:
         result = run_trial(cfg, callback=print_step(cfg.train.log_every))
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(format_summary(result))

@@ -147,6 +147,9 @@ def _tensor_readers(folder: str | Path) -> Iterator[dict[str, Callable[[], np.nd
         if (folder / "model.safetensors.index.json").is_file():
             files = _shard_files(folder, "model.safetensors.index.json")
             yield _safetensors_readers(files, stack)
+        elif (folder / "model.safetensors").is_file():
+            path = folder / "model.safetensors"
+            yield _safetensors_readers(dict.fromkeys(_safetensors_keys(path), path), stack)
         elif list(folder.glob("*.safetensors")):
             files = {}
             for path in sorted(folder.glob("*.safetensors")):
@@ -156,7 +159,8 @@ def _tensor_readers(folder: str | Path) -> Iterator[dict[str, Callable[[], np.nd
             yield _torch_readers(_shard_files(folder, "pytorch_model.bin.index.json"))
         elif (folder / "pytorch_model.bin").is_file():
             path = folder / "pytorch_model.bin"
-            yield _torch_readers(dict.fromkeys(_load_torch_file(path), path))
+            state = _load_torch_file(path)
+            yield _torch_readers(dict.fromkeys(state, path), loaded={path: state})
         else:
             raise CheckpointError(
                 f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json, "
@@ -207,8 +211,8 @@ def _load_torch_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _torch_readers(files: dict[str, Path]):
-    loaded: dict[Path, dict] = {}
+def _torch_readers(files: dict[str, Path], loaded: dict[Path, dict] | None = None):
+    loaded = loaded if loaded is not None else {}
 
     def reader(name: str, path: Path) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:
@@ -221,7 +225,8 @@ def _torch_readers(files: dict[str, Path]):
 
         return read
 
-    return {name: reader(name, path) for name, path in files.items()}
+    # Grouped by file, so reading in this order loads each PyTorch shard once.
+    return {name: reader(name, path) for name, path in sorted(files.items(), key=lambda item: str(item[1]))}
 
 
 def load_hf_weights(folder: str | Path) -> dict[str, np.ndarray]:
@@ -314,10 +319,11 @@ def load_into(model: Llama, folder: str | Path) -> Llama:
         if unexpected:
             shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
             raise CheckpointError(f"checkpoint {folder} has tensors this LLaMA has no place for: {shown}")
-        for name, (hf_shape, convert, target) in expected.items():
-            if name not in readers:
+        for name, read in readers.items():  # in file order
+            if name not in expected:
                 continue
-            array = readers[name]()
+            hf_shape, convert, target = expected[name]
+            array = read()
             if array.shape != hf_shape:
                 raise CheckpointError(
                     f"tensor {name} in {folder} has shape {array.shape}; the config implies {hf_shape}"

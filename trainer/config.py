@@ -46,7 +46,7 @@ class DataConfig:
     seq_len: int = 128  # length of a packed training row
     loss_on: str = "all"  # all | answer
     on_bad_line: str = "error"  # error | skip
-    cache_dir: str = "${oc.env:LLM_SWEEPER_CACHE,~/.cache/llm-sweeper}"
+    cache_dir: str = "${oc.env:LLM_SWEEPER_CACHE,'~/.cache/llm-sweeper'}"
 
 
 @dataclass

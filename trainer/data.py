@@ -9,6 +9,7 @@ import argparse
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,7 +238,7 @@ def _read_parquet_splits(files: dict[str, Path], contents: dict[str, bytes], on_
 
 def sample_ratio(examples: Sequence[Example], ratio: float, seed: int) -> list[Example]:
     """A seeded subset of int(ratio * N + 0.5) examples with the classes in the original proportions."""
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+    if isinstance(ratio, bool) or not (isinstance(ratio, numbers.Real) and 0.0 < ratio <= 1.0):
         raise ConfigError(f"ratio={ratio} is outside (0, 1]; use e.g. ratio=0.9")
     if ratio == 1.0:
         return list(examples)

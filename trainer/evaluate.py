@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from trainer.data import LABEL_NAMES
-from trainer.model import token_losses
+from trainer.model import gather_positions, token_losses
 
 INVALID = -1
 # A trial whose predictions are at least this share one class is flagged as degenerate.
@@ -32,12 +32,16 @@ def _bucket(length: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sequence_logprob_fn(graphdef: nnx.GraphDef):
+def _sequence_logprob_fn(graphdef: nnx.GraphDef, continuation_positions: int):
     @jax.jit
     def logprob(params, inputs_BxT, targets_BxT, mask_BxT):
         model = nnx.merge(graphdef, params)
-        logits = model(inputs_BxT)
-        return -jnp.sum(token_losses(logits, targets_BxT) * mask_BxT, axis=-1)
+        hidden = model.hidden_states(inputs_BxT)
+        # The head runs only on the few continuation positions of each row.
+        _, (mask_BxK, targets_BxK, hidden_BxKxD) = gather_positions(
+            continuation_positions, mask_BxT, targets_BxT, hidden
+        )
+        return -jnp.sum(token_losses(model.logits(hidden_BxKxD), targets_BxK) * mask_BxK, axis=-1)
 
     return logprob
 
@@ -51,7 +55,8 @@ def score_candidates(
     batch_size: int,
 ) -> np.ndarray:
     """Log-likelihood (N, C) of each candidate continuation + EOS after each prompt."""
-    fn = _sequence_logprob_fn(graphdef)
+    longest = max(len(c) for c in candidates) + 1  # + EOS
+    fn = _sequence_logprob_fn(graphdef, 1 << (longest - 1).bit_length())
     sequences = []  # (example, candidate, full token list, number of prompt tokens)
     for i, prompt in enumerate(prompts):
         for c, cand in enumerate(candidates):

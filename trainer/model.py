@@ -163,6 +163,10 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
         """Logits (float32) for every position; positions/segments default to one unpacked sequence."""
+        return self.logits(self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT))
+
+    def hidden_states(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+        """The final-normed hidden states, before the output head."""
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
         if segment_ids_BxT is None:
@@ -172,7 +176,10 @@ class Llama(nnx.Module):
         x_BxTxD = jnp.take(self.embed_VxD[...], tokens_BxT, axis=0).astype(dt)
         for layer in self.layers:
             x_BxTxD = layer(x_BxTxD, positions_BxT, mask)
-        x_BxTxD = self.final_norm(x_BxTxD)
+        return self.final_norm(x_BxTxD)
+
+    def logits(self, x_BxTxD):
+        dt = jnp.dtype(self.shape.dtype)
         return (x_BxTxD @ self.head_DxV[...].astype(dt)).astype(jnp.float32)
 
 
@@ -181,6 +188,17 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     logits = logits_BxTxV.astype(jnp.float32)
     target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def gather_positions(k: int, mask_BxT: jax.Array, *arrays_BxT: jax.Array):
+    """The first k positions of each row where mask > 0 (in order), and the arrays there.
+
+    Computing the output head only where a loss is taken saves most of its cost when few
+    tokens carry a loss (answer-only training, label scoring). Rows with fewer than k marked
+    positions are filled with unmarked ones, whose mask comes back 0.
+    """
+    index_BxK = jnp.argsort(mask_BxT <= 0, axis=1, stable=True)[:, :k]
+    return index_BxK, tuple(jnp.take_along_axis(a, index_BxK.reshape(index_BxK.shape + (1,) * (a.ndim - 2)), axis=1) for a in (mask_BxT,) + arrays_BxT)
 
 
 def init_model(shape: LlamaShape, seed: int) -> Llama:

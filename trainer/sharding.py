@@ -3,14 +3,15 @@
 Parameters are sharded by `PARTITION_RULES` (regex on the '/'-joined parameter path ->
 PartitionSpec); Adam's moments follow their parameter; every scalar is replicated; batches are
 split over dp and fsdp together. `train_step` is a plain `jax.jit`, so the compiler propagates
-these input shardings through the step, and the updated state comes back laid out the same way.
+these input shardings through the step; `pin_state_shardings` also fixes the layout of the state
+it returns (needed with gradient accumulation, see there).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -54,7 +55,9 @@ def _parse_sizes(sizes: Sequence[int] | str) -> list[int]:
             f"use e.g. train.mesh=[1,-1,1]"
         )
     if values.count(-1) > 1:
-        raise ConfigError(f"train.mesh={values} has more than one -1; infer at most one axis, e.g. train.mesh=[1,-1,1]")
+        raise ConfigError(
+            f"train.mesh={values} has more than one -1; infer at most one axis, e.g. train.mesh=[1,-1,1]"
+        )
     return values
 
 
@@ -65,13 +68,14 @@ def make_mesh(sizes: Sequence[int] | str, devices: Sequence[Any] | None = None) 
     """
     devices = list(jax.devices() if devices is None else devices)
     count = len(devices)
-    values = _parse_sizes(sizes)
+    requested = _parse_sizes(sizes)
+    values = list(requested)
     known = math.prod(v for v in values if v != -1)
     if -1 in values and count % known == 0:
         values[values.index(-1)] = count // known
     if -1 in values or math.prod(values) != count:
         raise ConfigError(
-            f"train.mesh={_parse_sizes(sizes)} (dp,fsdp,mp) does not fit {count} device(s): the product "
+            f"train.mesh={requested} (dp,fsdp,mp) does not fit {count} device(s): the product "
             f"of the sizes must equal the device count; use e.g. train.mesh=[1,-1,1] to put every "
             f"device on fsdp"
         )
@@ -166,6 +170,16 @@ def shard_state(state, mesh: Mesh):
     return jax.device_put(state, state_shardings(state, mesh))
 
 
+def pin_state_shardings(step_fn: Callable, state, mesh: Mesh) -> Callable:
+    """`step_fn` (a jitted `train_step`) with the new state pinned to `state_shardings`.
+
+    Plain jit follows the input shardings but picks output shardings itself: with
+    grad_accum > 1 it returns the norm scales split over fsdp, so step 2 recompiles and the
+    state drifts from the table. Pinning keeps one compilation and the planned layout.
+    """
+    return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings(state, mesh), None))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """(B, T) arrays: rows split over dp and fsdp, replicated over mp."""
     return NamedSharding(mesh, P(BATCH_AXES, None))
@@ -175,9 +189,10 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """Fail early when the batch cannot be split evenly over the data axes."""
     data_parallel = _axis_size(mesh, BATCH_AXES)
     if batch_size % data_parallel:
+        suggestion = max(data_parallel, batch_size // data_parallel * data_parallel)
         raise ConfigError(
             f"train.batch_size={batch_size} must be divisible by dp*fsdp={data_parallel} "
-            f"(mesh {dict(mesh.shape)}); use e.g. train.batch_size={max(data_parallel, batch_size // data_parallel * data_parallel)}"
+            f"(mesh {dict(mesh.shape)}); use e.g. train.batch_size={suggestion}"
         )
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from trainer.model import Llama, token_losses
+from trainer.model import Llama, gather_positions, token_losses
 from trainer.optim import Hyperparams, Optimizer
 
 Batch = dict  # inputs, targets, segment_ids, positions, loss_mask: (B, T) arrays
@@ -45,22 +45,41 @@ def create_state(model: Llama, optimizer: Optimizer, hparams: Hyperparams) -> tu
     return graphdef, state
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked token losses, number of loss tokens) for one micro-batch."""
+def loss_sums(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, loss_positions: Optional[int] = None
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked token losses, number of loss tokens) for one micro-batch.
+
+    With `loss_positions=K`, the output head runs only on the first K loss-bearing positions
+    of each row; the caller guarantees no row has more (see `max_loss_positions`).
+    """
     model = nnx.merge(graphdef, params)
-    logits_BxTxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    losses_BxT = token_losses(logits_BxTxV, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(losses_BxT * mask), jnp.sum(mask)
+    hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    mask_BxT, targets_BxT = batch["loss_mask"].astype(jnp.float32), batch["targets"]
+    if loss_positions is not None and loss_positions < mask_BxT.shape[1]:
+        _, (mask_BxT, targets_BxT, hidden_BxTxD) = gather_positions(
+            loss_positions, mask_BxT, targets_BxT, hidden_BxTxD
+        )
+    losses_BxT = token_losses(model.logits(hidden_BxTxD), targets_BxT)
+    return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+def max_loss_positions(loss_mask: np.ndarray, seq_len: int) -> Optional[int]:
+    """A static bound on loss tokens per row (a power of two), or None when most tokens carry one."""
+    most = int((np.asarray(loss_mask) > 0).sum(axis=1).max()) if len(loss_mask) else 0
+    bound = max(8, 1 << max(most - 1, 0).bit_length())
+    return bound if bound <= seq_len // 2 else None
 
 
 @functools.lru_cache(maxsize=None)
-def make_train_step(graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int) -> Callable:
+def make_train_step(
+    graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None
+) -> Callable:
     """The jitted step for one model structure; cached so every trial in a process shares it."""
 
     def micro_grads(params, micro):
         (loss_sum, count), grads = jax.value_and_grad(
-            lambda p: loss_sums(graphdef, p, micro), has_aux=True
+            lambda p: loss_sums(graphdef, p, micro, loss_positions), has_aux=True
         )(params)
         return grads, loss_sum, count
 

@@ -26,7 +26,9 @@ from trainer.evaluate import EvalReport, evaluate_split
 from trainer.model import Llama, LlamaShape, init_model
 from trainer.optim import Hyperparams, Optimizer
 from trainer.tokenizer import Tokenizer, load_tokenizer
-from trainer.train import StepRecord, create_state, make_train_step, total_steps_for, train_loop
+from trainer.train import (
+    StepRecord, create_state, make_train_step, max_loss_positions, total_steps_for, train_loop,
+)
 
 from flax import nnx
 
@@ -52,23 +54,26 @@ def get_tokenizer(cfg: TrialConfig, train_examples) -> Tokenizer:
 
 
 @functools.lru_cache(maxsize=4)
-def _base_model(shape: LlamaShape, checkpoint: Optional[str], seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-    """Base weights, loaded or initialised once per process; trials copy them."""
-    if checkpoint:
-        from trainer.checkpoint import load_llama_weights
+def _base_model(shape: LlamaShape, folder: Optional[str], seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+    """Base weights, loaded or initialised once per process; each trial trains a copy."""
+    if folder:
+        from trainer.checkpoint import load_into
 
-        model = load_llama_weights(checkpoint, shape)
+        # Abstract parameters: nothing is allocated until a checkpoint tensor fills it.
+        model = load_into(nnx.eval_shape(lambda: Llama(shape, rngs=nnx.Rngs(params=0))), folder)
     else:
         model = init_model(shape, seed)
     return nnx.split(model, nnx.Param)
 
 
-def model_shape(cfg: TrialConfig) -> LlamaShape:
-    if cfg.model.checkpoint:
-        from trainer.checkpoint import shape_from_checkpoint
+def resolve_model(cfg: TrialConfig) -> tuple[LlamaShape, Optional[str]]:
+    """The model's shape and, for a pretrained model, its local checkpoint folder."""
+    if not cfg.model.checkpoint:
+        return LlamaShape.from_config(cfg.model), None
+    from trainer.checkpoint import checkpoint_model_config, resolve_checkpoint
 
-        return shape_from_checkpoint(cfg.model.checkpoint, cfg.model)
-    return LlamaShape.from_config(cfg.model)
+    folder = resolve_checkpoint(cfg.model.checkpoint)
+    return LlamaShape.from_config(checkpoint_model_config(cfg.model, folder)), str(folder)
 
 
 def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None) -> TrialResult:
@@ -93,7 +98,7 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     timings["data_seconds"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    shape = model_shape(cfg)
+    shape, folder = resolve_model(cfg)
     if tokenizer.vocab_size > shape.vocab_size:
         from trainer.config import ConfigError
 
@@ -101,10 +106,11 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
             f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size={shape.vocab_size}; "
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
-    graphdef, base_params = _base_model(shape, cfg.model.checkpoint, cfg.seed)
+    graphdef, base_params = _base_model(shape, folder, cfg.seed if folder is None else 0)
     timings["model_seconds"] = time.perf_counter() - t0
 
     mesh = sharding_lib.make_mesh(cfg.train.mesh)
+    sharding_lib.check_batch_size(cfg.train.batch_size, mesh)
     steps_per_epoch = data_lib.steps_per_epoch(rows, cfg.train.batch_size)
     total_steps = total_steps_for(cfg.train, steps_per_epoch)
     hparams = Hyperparams.create(lr=cfg.lr, warmup=cfg.warmup, total_steps=total_steps, cfg=cfg.optim)
@@ -113,7 +119,10 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, base_params))
     graphdef, state = create_state(model, optimizer, hparams)
     state = sharding_lib.shard_state(state, mesh)
-    step_fn = make_train_step(graphdef, optimizer, cfg.train.grad_accum)
+    loss_positions = max_loss_positions(rows.loss_mask, cfg.data.seq_len)
+    step_fn = make_train_step(graphdef, optimizer, cfg.train.grad_accum, loss_positions)
+    if len(mesh.devices.flat) > 1:
+        step_fn = sharding_lib.pin_state_shardings(step_fn, state, mesh)
     put_batch = functools.partial(sharding_lib.put_batch, mesh=mesh)
 
     reports: dict[str, EvalReport] = {}

@@ -1,0 +1,591 @@
+"""Export one sweep's trials from MLflow as side-by-side tables (CSV, Markdown, HTML, LaTeX) and plots.
+
+    python -m sweeper.results                                   # the latest sweep: lr x ratio on test_accuracy
+    python -m sweeper.results --sweep lr_ratio --rows warmup --cols lr --metric validation_accuracy
+    python -m sweeper.results --experiment rotten_tomatoes --all --formats csv,md
+
+Reads only what the sweeper logged (see results/README.md for every file it writes); it never
+writes to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pandas as pd
+
+DEFAULT_EXPERIMENT = "rotten_tomatoes"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+FORMATS = ("csv", "md", "html", "tex")
+
+# Tags the sweeper writes on its runs; read here by name so the reader never imports the writer.
+KIND_TAG = "tags.sweeper.kind"
+OVERRIDES_TAG = "tags.sweeper.overrides"
+STATUS_TAG = "tags.sweeper.status"
+ERROR_TAG = "tags.sweeper.error"
+RUN_NAME_TAG = "tags.mlflow.runName"
+
+# One class in >= 95% of the answers; used only when a run lacks the test_degenerate metric.
+DEGENERATE_SHARE = 0.95
+# Worst first: the order in which a trial's problems are reported.
+FLAGGED = ("failed", "diverged", "degenerate", "running")
+
+TRIAL_PARAMS = (
+    "lr", "ratio", "warmup", "seed", "optim.b1", "optim.b2", "optim.weight_decay", "optim.end_lr",
+    "model.name", "train.epochs", "data.seq_len", "eval.mode",
+)
+TRIAL_METRICS = (
+    "test_accuracy", "validation_accuracy", "test_f1_macro", "test_invalid_rate", "test_majority_share",
+    "before_test_accuracy", "train_examples", "train_tokens", "steps", "final_loss", "tokens_per_second",
+    "train_seconds", "wall_seconds",
+)
+
+
+class ResultsError(Exception):
+    """A selection or option that cannot be exported; the message names the value and what exists."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    run_id: Optional[str]  # None for --all
+    started: Optional[pd.Timestamp]
+    experiment: str
+    tracking_uri: str
+
+
+# ---------------------------------------------------------------- selecting runs from MLflow
+
+
+def _open_experiment(tracking_uri: str, experiment: str) -> str:
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        # MLflow would silently create an empty store; a missing file is a wrong directory or URI.
+        if not path.is_file():
+            raise ResultsError(
+                f"no MLflow store at {path} (tracking URI {tracking_uri}); run a sweep here first, "
+                "or pass --tracking-uri / set MLFLOW_TRACKING_URI"
+            )
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in mlflow.search_experiments())
+        raise ResultsError(
+            f"no experiment {experiment!r} at {tracking_uri}; experiments there: "
+            f"{', '.join(names) or 'none'}; pass --experiment NAME"
+        )
+    return found.experiment_id
+
+
+def _describe_sweeps(parents: pd.DataFrame, limit: int = 10) -> str:
+    lines = [
+        f"  {row[RUN_NAME_TAG]}  ({row['run_id']}, started {row['start_time']:%Y-%m-%d %H:%M} UTC)"
+        for _, row in parents.head(limit).iterrows()
+    ]
+    more = len(parents) - limit
+    return "\n".join(lines + ([f"  ... and {more} older"] if more > 0 else []))
+
+
+def select_runs(tracking_uri: str, experiment: str, sweep: str, all_runs: bool) -> tuple[Sweep, pd.DataFrame]:
+    """The sweep (or the whole experiment) and its trial runs as mlflow.search_runs returns them."""
+    import mlflow
+
+    experiment_id = _open_experiment(tracking_uri, experiment)
+    if all_runs:
+        runs = mlflow.search_runs([experiment_id])
+        if KIND_TAG in runs.columns:
+            runs = runs[runs[KIND_TAG] != "sweep"]
+        if runs.empty:
+            raise ResultsError(f"experiment {experiment!r} at {tracking_uri} has no trial runs yet")
+        return Sweep(f"{experiment}-all", None, runs["start_time"].min(), experiment, tracking_uri), runs
+
+    parents = mlflow.search_runs(
+        [experiment_id], filter_string="tags.`sweeper.kind` = 'sweep'", order_by=["attributes.start_time DESC"]
+    )
+    if parents.empty:
+        raise ResultsError(
+            f"no sweep in experiment {experiment!r} at {tracking_uri} (no run tagged sweeper.kind=sweep); "
+            "run a sweep first, or pass --all to export every run of the experiment"
+        )
+    if sweep == "latest":
+        chosen = parents.iloc[[0]]
+    else:
+        chosen = parents[parents["run_id"] == sweep]
+        if chosen.empty:
+            chosen = parents[parents[RUN_NAME_TAG] == sweep]
+        if chosen.empty:
+            raise ResultsError(
+                f"no sweep {sweep!r} (parent run id or name) in experiment {experiment!r}; "
+                f"sweeps there, newest first:\n{_describe_sweeps(parents)}"
+            )
+        if len(chosen) > 1:
+            print(
+                f"note: {len(chosen)} sweeps are named {sweep!r}; exporting the newest, {chosen.iloc[0]['run_id']}; "
+                "pass a run id to pick another", file=sys.stderr,
+            )
+    parent = chosen.iloc[0]
+    runs = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    name = parent[RUN_NAME_TAG] if isinstance(parent.get(RUN_NAME_TAG), str) else parent["run_id"]
+    if runs.empty:
+        raise ResultsError(f"sweep {name!r} ({parent['run_id']}) has no trial runs yet")
+    return Sweep(name, parent["run_id"], parent["start_time"], experiment, tracking_uri), runs
+
+
+# ---------------------------------------------------------------- one row per trial
+
+
+def _maybe_numeric(values: pd.Series) -> pd.Series:
+    """MLflow stores params as text; make a column numeric when every value it has is a number."""
+    as_numbers = pd.to_numeric(values, errors="coerce")
+    return as_numbers if as_numbers[values.notna()].notna().all() else values
+
+
+def _column(runs: pd.DataFrame, name: str) -> pd.Series:
+    return runs[name] if name in runs.columns else pd.Series(float("nan"), index=runs.index)
+
+
+def override_keys(overrides: Iterable[str]) -> list[str]:
+    """The swept keys in first-seen order, from tags like "lr=0.0002,ratio=0.9" (Hydra's +/~ dropped)."""
+    keys: list[str] = []
+    for text in overrides:
+        if isinstance(text, str):
+            for key in re.findall(r"(?:^|,)\s*[+~]{0,2}([\w.\-/]+)=", text):
+                if key not in keys:
+                    keys.append(key)
+    return keys
+
+
+def _status(tag, mlflow_status, degenerate, majority_share) -> str:
+    if isinstance(tag, str) and tag:
+        status = tag
+    else:
+        status = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed"}.get(
+            str(mlflow_status), "running"
+        )
+    if pd.notna(degenerate):
+        is_degenerate = degenerate >= 0.5
+    else:
+        is_degenerate = pd.notna(majority_share) and majority_share >= DEGENERATE_SHARE
+    return "degenerate" if status == "finished" and is_degenerate else status
+
+
+def tidy_trials(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs with numeric params, a status column, sorted by the swept keys, numbered from 1."""
+    trials = runs.copy()
+    for name in [c for c in trials.columns if c.startswith("params.")]:
+        trials[name] = _maybe_numeric(trials[name])
+    trials["overrides"] = _column(trials, OVERRIDES_TAG).fillna(_column(trials, RUN_NAME_TAG))
+    trials["status"] = [
+        _status(*values)
+        for values in zip(
+            _column(trials, STATUS_TAG), trials["status"],
+            _column(trials, "metrics.test_degenerate"), _column(trials, "metrics.test_majority_share"),
+        )
+    ]
+    trials["error"] = _column(trials, ERROR_TAG)
+    sort_by = [f"params.{k}" for k in override_keys(trials["overrides"]) + ["seed"]]
+    sort_by = list(dict.fromkeys(c for c in sort_by if c in trials.columns)) + ["start_time"]
+    trials = trials.sort_values(sort_by, kind="stable", na_position="last").reset_index(drop=True)
+    trials.insert(0, "id", range(1, len(trials) + 1))
+    return trials
+
+
+def _names(trials: pd.DataFrame, prefix: str) -> list[str]:
+    return sorted(c[len(prefix):] for c in trials.columns if c.startswith(prefix))
+
+
+def trials_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """The long table: one row per trial with its swept keys, key params and main metrics (raw values)."""
+    params = list(dict.fromkeys(override_keys(trials["overrides"]) + list(TRIAL_PARAMS)))
+    columns = {"id": "id", "overrides": "overrides", "status": "status"}
+    columns |= {f"params.{p}": p for p in params if f"params.{p}" in trials.columns}
+    columns |= {f"metrics.{m}": m for m in TRIAL_METRICS if f"metrics.{m}" in trials.columns}
+    columns |= {"error": "error", "run_id": "run_id", "start_time": "started"}
+    table = trials[list(columns)].rename(columns=columns)
+    keep = [c for c in table.columns if c in ("id", "overrides", "status", "run_id") or table[c].notna().any()]
+    return table[keep]
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def is_fraction(metric: str) -> bool:
+    """Metrics in [0, 1] that read best as percentages."""
+    return metric == "accuracy" or metric.endswith(("_accuracy", "_f1_macro", "_invalid_rate", "_majority_share"))
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
+
+
+def format_number(value) -> str:
+    if _missing(value):
+        return ""
+    if isinstance(value, numbers.Real):
+        if float(value).is_integer() and abs(value) < 1e15:
+            return f"{int(value):,}" if abs(value) >= 10_000 else f"{int(value)}"
+        return f"{value:,.2f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def format_metric(metric: str, value) -> str:
+    if _missing(value):
+        return ""
+    return f"{value:.2%}" if is_fraction(metric) else format_number(value)
+
+
+def label(value) -> str:
+    """An axis value as it reads in a header: 0.0002, 2e-05, 0.9, 184, tiny."""
+    if isinstance(value, numbers.Real):
+        return "(unset)" if math.isnan(value) else format(value, ".10g")
+    return str(value)
+
+
+def compact(count: float) -> str:
+    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= size:
+            return f"{count / size:.2f}{suffix}"
+    return f"{count:.0f}"
+
+
+def _as_text(table: pd.DataFrame) -> pd.DataFrame:
+    """The long table with metrics formatted for reading (percentages, thousands separators)."""
+    text = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        if column == "started":
+            text[column] = table[column].dt.strftime("%Y-%m-%d %H:%M")
+        elif column == "error":
+            text[column] = table[column].fillna("").astype(str).str.slice(0, 80)
+        else:
+            text[column] = [format_metric(column, v) for v in table[column]]
+    return text
+
+
+# ---------------------------------------------------------------- pivot and the reference shapes
+
+
+def _require(trials: pd.DataFrame, kind: str, name: str, option: str, swept: list[str]) -> str:
+    prefix = "params." if kind == "param" else "metrics."
+    name = name[len(prefix):] if name.startswith(prefix) else name
+    if f"{prefix}{name}" not in trials.columns:
+        available = _names(trials, prefix)
+        hint = f"swept: {', '.join(swept)}; " if kind == "param" and swept else ""
+        raise ResultsError(
+            f"{option} {name!r} is not a {kind} logged by these trials; {hint}"
+            f"{kind}s logged: {', '.join(available) or 'none'}"
+        )
+    return f"{prefix}{name}"
+
+
+def _cell_note(group: pd.DataFrame, values: pd.Series) -> list[str]:
+    notes = []
+    if len(values) > 1:
+        notes.append(f"mean of {len(values)}")
+    for status in FLAGGED:
+        count = int((group["status"] == status).sum())
+        if count and count == len(group):
+            notes.append(status)
+        elif count:
+            notes.append(f"{count} of {len(group)} {status}")
+    return notes
+
+
+def pivot_tables(trials: pd.DataFrame, rows: str, cols: str, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The mean metric per (rows, cols) cell: numeric (raw values), and annotated text for reading."""
+    swept = override_keys(trials["overrides"])
+    row_col = _require(trials, "param", rows, "--rows", swept)
+    col_col = _require(trials, "param", cols, "--cols", swept)
+    metric_col = _require(trials, "metric", metric, "--metric", swept)
+    if row_col == col_col:
+        raise ResultsError(f"--rows and --cols are both {rows!r}; pick two different params, e.g. --rows lr --cols ratio")
+    metric = metric_col[len("metrics."):]
+    row_values = sorted(trials[row_col].dropna().unique()) + ([float("nan")] if trials[row_col].isna().any() else [])
+    col_values = sorted(trials[col_col].dropna().unique()) + ([float("nan")] if trials[col_col].isna().any() else [])
+    index = pd.Index([label(v) for v in row_values], name=row_col[len("params."):])
+    headers = [label(v) for v in col_values]
+    numeric = pd.DataFrame(float("nan"), index=index, columns=headers)
+    annotated = pd.DataFrame("", index=index, columns=headers)
+    for (row_value, col_value), group in trials.groupby([row_col, col_col], dropna=False):
+        # A failed trial's metrics, if any, are from before the failure: not a result.
+        values = group.loc[group["status"] != "failed", metric_col].dropna()
+        notes = _cell_note(group, values)
+        where = (label(row_value), label(col_value))
+        if len(values):
+            numeric.loc[where] = values.mean()
+            text = format_metric(metric, values.mean())
+        else:
+            text, notes = (notes[0], notes[1:]) if notes and notes[0] in FLAGGED else ("no value", notes)
+        annotated.loc[where] = text + (f" ({'; '.join(notes)})" if notes else "")
+    return numeric, annotated
+
+
+def by_ratio_table(trials: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """The reference study's `Sampling ratio | Training data size | Accuracy`, one row per trial."""
+    if "params.ratio" not in trials.columns:
+        return None
+    lrs = _column(trials, "params.lr")
+    seeds = _column(trials, "params.seed")
+    ordered = trials.assign(_lr=lrs, _seed=seeds).sort_values(["_lr", "params.ratio", "_seed", "id"], kind="stable")
+    table = pd.DataFrame(index=ordered.index)
+    if lrs.nunique() > 1:
+        table["LR"] = [label(v) for v in ordered["_lr"]]
+    if seeds.nunique() > 1:
+        table["Seed"] = [label(v) for v in ordered["_seed"]]
+    table["Sampling ratio"] = [
+        "" if _missing(v) else f"{v * 100:g}%" if isinstance(v, numbers.Real) else str(v) for v in ordered["params.ratio"]
+    ]
+    table["Training data size"] = [format_number(v) for v in _column(ordered, "metrics.train_examples")]
+    table["Accuracy"] = [format_metric("test_accuracy", v) for v in _column(ordered, "metrics.test_accuracy")]
+    table["Status"] = ordered["status"]
+    return table.reset_index(drop=True)
+
+
+def runs_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """The reference study's `ID | LR | params | b1 | b2 | warmup steps | weight decay | tokens | accuracy`."""
+    size = _column(trials, "metrics.model_params").fillna(pd.to_numeric(_column(trials, "params.model_params"), errors="coerce"))
+    model = [compact(n) if pd.notna(n) else label(name) for n, name in zip(size, _column(trials, "params.model.name"))]
+    return pd.DataFrame({
+        "ID": trials["id"],
+        "LR": [label(v) for v in _column(trials, "params.lr")],
+        "params": model,
+        "b1": [label(v) for v in _column(trials, "params.optim.b1")],
+        "b2": [label(v) for v in _column(trials, "params.optim.b2")],
+        "warmup steps": [label(v) for v in _column(trials, "params.warmup")],
+        "weight decay": [label(v) for v in _column(trials, "params.optim.weight_decay")],
+        "tokens": [format_number(v) for v in _column(trials, "metrics.train_tokens")],
+        "accuracy": [format_metric("test_accuracy", v) for v in _column(trials, "metrics.test_accuracy")],
+        "status": trials["status"],
+    }).replace("(unset)", "")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _markdown(text: pd.DataFrame) -> str:
+    # Numbers are already formatted; tabulate must not re-parse "2e-05" or "88.74%" into something else.
+    numeric = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?[%KMBT]?( \(.*\))?$")
+    align = [
+        "right" if any(numeric.match(str(v)) for v in text[c]) and all(numeric.match(str(v)) or v == "" for v in text[c])
+        else "left"
+        for c in text.columns
+    ]
+    return text.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n"
+
+
+def write_table(out_dir: Path, stem: str, text: pd.DataFrame, formats: list[str], title: str,
+                numeric: Optional[pd.DataFrame] = None) -> list[Path]:
+    """One table in each format; the CSV holds `numeric` when given, else the same text as the others."""
+    written = []
+    text = text.astype(str)
+    for fmt in formats:
+        path = out_dir / f"{stem}.{fmt}"
+        if fmt == "csv":
+            (numeric if numeric is not None else text).to_csv(path, index=False)
+        elif fmt == "md":
+            path.write_text(_markdown(text))
+        elif fmt == "html":
+            table = text.to_html(index=False, escape=True, border=0)
+            path.write_text(f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>{title}</title>\n{table}\n")
+        elif fmt == "tex":
+            styler = text.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+            path.write_text(styler.to_latex(hrules=True, column_format="l" * len(text.columns)))
+        written.append(path)
+    return written
+
+
+def plot(trials: pd.DataFrame, x: str, series: str, metric: str, path: Path, log_x: bool) -> Optional[Path]:
+    """`metric` against param `x`, one line per value of `series`; flagged trials drawn with their own marker."""
+    x_col, series_col, metric_col = f"params.{x}", f"params.{series}", f"metrics.{metric}"
+    if x_col not in trials.columns or metric_col not in trials.columns or not pd.api.types.is_numeric_dtype(trials[x_col]):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    data = trials.assign(_series=_column(trials, series_col))
+    if log_x:
+        data = data[data[x_col] > 0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    scored = data[data["status"] != "failed"]
+    for value, group in scored.groupby("_series", dropna=False):
+        means = group.groupby(x_col)[metric_col].mean().dropna()
+        ax.plot(means.index, means.values, marker="o", label=f"{series}={label(value)}")
+    markers = {"degenerate": ("X", "tab:red"), "diverged": ("s", "tab:orange")}
+    for status, (marker, color) in markers.items():
+        flagged = scored[(scored["status"] == status) & scored[metric_col].notna()]
+        if len(flagged):
+            ax.scatter(flagged[x_col], flagged[metric_col], marker=marker, s=90, color=color, zorder=3, label=status)
+    if is_fraction(metric):
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if metric.endswith("accuracy"):
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="50%: one class for all")
+    failed = data[data["status"] == "failed"]
+    if len(failed):
+        # Failed trials have no value: mark where they sat on the x axis, along the bottom edge.
+        bottom = ax.get_ylim()[0]
+        ax.scatter(failed[x_col], [bottom] * len(failed), marker="v", s=70, color="black", clip_on=False,
+                   zorder=3, label="failed")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_text(sweep: Sweep, trials: pd.DataFrame, rows: str, cols: str, metric: str, command: str) -> str:
+    counts = trials["status"].value_counts()
+    order = ["finished", "degenerate", "diverged", "failed", "running"]
+    order += [s for s in counts.index if s not in order]
+    started = f"{sweep.started:%Y-%m-%d %H:%M} UTC" if sweep.started is not None else "unknown"
+    lines = [
+        f"# Sweep {sweep.name}",
+        "",
+        f"- experiment: {sweep.experiment} (tracking URI `{sweep.tracking_uri}`)",
+        f"- parent run: {sweep.run_id or 'none (--all: every run of the experiment)'}",
+        f"- started: {started}; exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- trials: {len(trials)} (" + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in order) + ")",
+    ]
+    candidates = trials[trials["status"] != "failed"].dropna(subset=["metrics.validation_accuracy"]) \
+        if "metrics.validation_accuracy" in trials.columns else trials.iloc[0:0]
+    if len(candidates):
+        # A degenerate trial wins only if nothing else scored; it is flagged when it does.
+        ranked = candidates.assign(_flag=candidates["status"] != "finished").sort_values(
+            ["_flag", "metrics.validation_accuracy"], ascending=[True, False], kind="stable")
+        best = ranked.iloc[0]
+        flag = f" ({best['status']})" if best["status"] != "finished" else ""
+        lines.append(
+            f"- best by validation accuracy: trial {best['id']} `{best['overrides']}`{flag}: validation "
+            f"{format_metric('validation_accuracy', best['metrics.validation_accuracy'])}, test "
+            f"{format_metric('test_accuracy', _column(ranked, 'metrics.test_accuracy').iloc[0]) or 'not logged'} "
+            f"(run {best['run_id']})"
+        )
+    else:
+        lines.append("- best by validation accuracy: none (no trial logged validation_accuracy)")
+    lines.append(f"- pivot: {metric} by {rows} (rows) x {cols} (columns)")
+    flagged = trials[trials["status"].isin(FLAGGED)]
+    if len(flagged):
+        lines += ["", "## Flagged trials", ""]
+        for _, trial in flagged.iterrows():
+            error = trial["error"] if isinstance(trial["error"], str) else ""
+            lines.append(f"- trial {trial['id']} `{trial['overrides']}`: {trial['status']}" + (f": {error}" if error else ""))
+    lines += ["", f"Exported with `{command}`", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {','.join(FORMATS)}")
+    return formats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sweeper.results",
+        description="Export the trials of one sweep (MLflow child runs of one parent run) as tables "
+        "(trials, pivot, by_ratio, runs) in CSV, Markdown, HTML and LaTeX, plus plots and a summary, "
+        "into OUT/<sweep name>/.",
+        epilog="examples:\n"
+        "  python -m sweeper.results\n"
+        "  python -m sweeper.results --sweep lr_ratio --rows warmup --cols lr --metric validation_accuracy\n"
+        "  python -m sweeper.results --all --formats csv,md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--sweep", default="latest",
+                       help="'latest' (default: the newest sweep), or a sweep's parent run id or name")
+    which.add_argument("--all", action="store_true", dest="all_runs",
+                       help="every trial run of the experiment instead of one sweep; written to OUT/<experiment>-all/")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else %(default)s)")
+    parser.add_argument("--rows", default="lr", help="param for the pivot's rows, without 'params.' (default: %(default)s)")
+    parser.add_argument("--cols", default="ratio", help="param for the pivot's columns (default: %(default)s)")
+    parser.add_argument("--metric", default="test_accuracy",
+                        help="metric in the pivot cells and the plots, without 'metrics.' (default: %(default)s)")
+    parser.add_argument("--formats", type=_formats, default=list(FORMATS),
+                        help=f"comma list of table formats (default: {','.join(FORMATS)})")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="root folder of the exports (default: %(default)s)")
+    return parser
+
+
+def export(args: argparse.Namespace, command: str) -> Path:
+    sweep, runs = select_runs(args.tracking_uri, args.experiment, args.sweep, args.all_runs)
+    trials = tidy_trials(runs)
+    numeric_pivot, annotated_pivot = pivot_tables(trials, args.rows, args.cols, args.metric)
+    rows, cols = numeric_pivot.index.name, args.cols.removeprefix("params.")
+    metric = args.metric.removeprefix("metrics.")
+
+    out_dir = args.out / re.sub(r"[^\w.=+-]+", "_", sweep.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    formats = args.formats
+    written: list[Path] = []
+    long_table = trials_table(trials)
+    written += write_table(out_dir, "trials", _as_text(long_table), formats, f"{sweep.name}: trials", numeric=long_table)
+    corner = f"{rows} \\ {cols}"
+    written += write_table(
+        out_dir, "pivot", annotated_pivot.rename_axis(corner).reset_index(), formats,
+        f"{sweep.name}: {metric}", numeric=numeric_pivot.reset_index(),
+    )
+    by_ratio = by_ratio_table(trials)
+    if by_ratio is not None:
+        written += write_table(out_dir, "by_ratio", by_ratio, formats, f"{sweep.name}: accuracy by sampling ratio")
+    else:
+        print("note: no 'ratio' param logged; by_ratio tables skipped", file=sys.stderr)
+    written += write_table(out_dir, "runs", runs_table(trials), formats, f"{sweep.name}: runs")
+    for path in (plot(trials, "ratio", "lr", metric, out_dir / "by_ratio.png", log_x=False),
+                 plot(trials, "lr", "ratio", metric, out_dir / "by_lr.png", log_x=True)):
+        if path is not None:
+            written.append(path)
+    resolved = shlex.join([
+        "python", "-m", "sweeper.results", "--tracking-uri", sweep.tracking_uri, "--experiment", sweep.experiment,
+        *(["--all"] if sweep.run_id is None else ["--sweep", sweep.run_id]),
+        "--rows", rows, "--cols", cols, "--metric", metric, "--formats", ",".join(formats), "--out", str(args.out),
+    ])
+    (out_dir / "command.txt").write_text(f"{command}\n# the same export, pinned to this sweep:\n{resolved}\n")
+    (out_dir / "summary.md").write_text(summary_text(sweep, trials, rows, cols, metric, command))
+    written += [out_dir / "command.txt", out_dir / "summary.md"]
+
+    counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
+    print(f"sweep {sweep.name} ({sweep.run_id or 'all runs'}): {len(trials)} trials ({counts})")
+    print(f"wrote {len(written)} files to {out_dir}/:")
+    print("  " + " ".join(p.name for p in written))
+    return out_dir
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        export(args, shlex.join(["python", "-m", "sweeper.results", *argv]))
+    except ResultsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
