@@ -11,6 +11,7 @@ writes to MLflow.
 from __future__ import annotations
 
 import argparse
+import html
 import math
 import numbers
 import os
@@ -295,10 +296,10 @@ def _cell_note(group: pd.DataFrame, values: pd.Series) -> list[str]:
         notes.append(f"mean of {len(values)}")
     for status in FLAGGED:
         count = int((group["status"] == status).sum())
-        if count and count == len(group):
-            notes.append(status)
-        elif count:
-            notes.append(f"{count} of {len(group)} {status}")
+        # Degenerate and diverged trials carry values; failed and running ones do not.
+        among = len(values) if status in ("degenerate", "diverged") and len(values) else len(group)
+        if count:
+            notes.append(status if count == among else f"{count} {status}")
     return notes
 
 
@@ -309,7 +310,9 @@ def pivot_tables(trials: pd.DataFrame, rows: str, cols: str, metric: str) -> tup
     col_col = _require(trials, "param", cols, "--cols", swept)
     metric_col = _require(trials, "metric", metric, "--metric", swept)
     if row_col == col_col:
-        raise ResultsError(f"--rows and --cols are both {rows!r}; pick two different params, e.g. --rows lr --cols ratio")
+        raise ResultsError(
+            f"--rows and --cols are both {rows!r}; pick two different params, e.g. --rows lr --cols ratio"
+        )
     metric = metric_col[len("metrics."):]
     row_values = sorted(trials[row_col].dropna().unique()) + ([float("nan")] if trials[row_col].isna().any() else [])
     col_values = sorted(trials[col_col].dropna().unique()) + ([float("nan")] if trials[col_col].isna().any() else [])
@@ -344,7 +347,8 @@ def by_ratio_table(trials: pd.DataFrame) -> Optional[pd.DataFrame]:
     if seeds.nunique() > 1:
         table["Seed"] = [label(v) for v in ordered["_seed"]]
     table["Sampling ratio"] = [
-        "" if _missing(v) else f"{v * 100:g}%" if isinstance(v, numbers.Real) else str(v) for v in ordered["params.ratio"]
+        "" if _missing(v) else f"{v * 100:g}%" if isinstance(v, numbers.Real) else str(v)
+        for v in ordered["params.ratio"]
     ]
     table["Training data size"] = [format_number(v) for v in _column(ordered, "metrics.train_examples")]
     table["Accuracy"] = [format_metric("test_accuracy", v) for v in _column(ordered, "metrics.test_accuracy")]
@@ -354,8 +358,12 @@ def by_ratio_table(trials: pd.DataFrame) -> Optional[pd.DataFrame]:
 
 def runs_table(trials: pd.DataFrame) -> pd.DataFrame:
     """The reference study's `ID | LR | params | b1 | b2 | warmup steps | weight decay | tokens | accuracy`."""
-    size = _column(trials, "metrics.model_params").fillna(pd.to_numeric(_column(trials, "params.model_params"), errors="coerce"))
-    model = [compact(n) if pd.notna(n) else label(name) for n, name in zip(size, _column(trials, "params.model.name"))]
+    names = _column(trials, "params.model.name")
+    logged_param = pd.to_numeric(_column(trials, "params.model_params"), errors="coerce")
+    size = _column(trials, "metrics.model_params").fillna(logged_param)
+    # A trial that failed before counting its parameters has the same model as its siblings.
+    size = size.fillna(size.groupby(names).transform("max"))
+    model = [compact(n) if pd.notna(n) else label(name) for n, name in zip(size, names)]
     return pd.DataFrame({
         "ID": trials["id"],
         "LR": [label(v) for v in _column(trials, "params.lr")],
@@ -376,11 +384,10 @@ def runs_table(trials: pd.DataFrame) -> pd.DataFrame:
 def _markdown(text: pd.DataFrame) -> str:
     # Numbers are already formatted; tabulate must not re-parse "2e-05" or "88.74%" into something else.
     numeric = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?[%KMBT]?( \(.*\))?$")
-    align = [
-        "right" if any(numeric.match(str(v)) for v in text[c]) and all(numeric.match(str(v)) or v == "" for v in text[c])
-        else "left"
-        for c in text.columns
-    ]
+    align = []
+    for column in text.columns:
+        filled = [v for v in text[column] if v != ""]
+        align.append("right" if filled and all(numeric.match(v) for v in filled) else "left")
     return text.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n"
 
 
@@ -397,7 +404,7 @@ def write_table(out_dir: Path, stem: str, text: pd.DataFrame, formats: list[str]
             path.write_text(_markdown(text))
         elif fmt == "html":
             table = text.to_html(index=False, escape=True, border=0)
-            path.write_text(f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>{title}</title>\n{table}\n")
+            path.write_text(f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n{table}\n")
         elif fmt == "tex":
             styler = text.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
             path.write_text(styler.to_latex(hrules=True, column_format="l" * len(text.columns)))
@@ -405,10 +412,12 @@ def write_table(out_dir: Path, stem: str, text: pd.DataFrame, formats: list[str]
     return written
 
 
-def plot(trials: pd.DataFrame, x: str, series: str, metric: str, path: Path, log_x: bool) -> Optional[Path]:
+def plot(trials: pd.DataFrame, x: str, series: str, metric: str, path: Path, log_x: bool, title: str) -> Optional[Path]:
     """`metric` against param `x`, one line per value of `series`; flagged trials drawn with their own marker."""
     x_col, series_col, metric_col = f"params.{x}", f"params.{series}", f"metrics.{metric}"
-    if x_col not in trials.columns or metric_col not in trials.columns or not pd.api.types.is_numeric_dtype(trials[x_col]):
+    if x_col not in trials.columns or metric_col not in trials.columns:
+        return None
+    if not pd.api.types.is_numeric_dtype(trials[x_col]):
         return None
     import matplotlib
 
@@ -443,6 +452,7 @@ def plot(trials: pd.DataFrame, x: str, series: str, metric: str, path: Path, log
         ax.set_xscale("log")
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -486,7 +496,8 @@ def summary_text(sweep: Sweep, trials: pd.DataFrame, rows: str, cols: str, metri
         lines += ["", "## Flagged trials", ""]
         for _, trial in flagged.iterrows():
             error = trial["error"] if isinstance(trial["error"], str) else ""
-            lines.append(f"- trial {trial['id']} `{trial['overrides']}`: {trial['status']}" + (f": {error}" if error else ""))
+            line = f"- trial {trial['id']} `{trial['overrides']}`: {trial['status']}"
+            lines.append(line + (f": {error}" if error else ""))
     lines += ["", f"Exported with `{command}`", ""]
     return "\n".join(lines)
 
@@ -505,9 +516,9 @@ def _formats(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sweeper.results",
-        description="Export the trials of one sweep (MLflow child runs of one parent run) as tables "
-        "(trials, pivot, by_ratio, runs) in CSV, Markdown, HTML and LaTeX, plus plots and a summary, "
-        "into OUT/<sweep name>/.",
+        description="Export the trials of one sweep (the MLflow child runs of one parent run) as tables\n"
+        "(trials, pivot, by_ratio, runs) in CSV, Markdown, HTML and LaTeX, with plots and a summary,\n"
+        "into OUT/<sweep name>/. Failed and degenerate trials are marked, never dropped.",
         epilog="examples:\n"
         "  python -m sweeper.results\n"
         "  python -m sweeper.results --sweep lr_ratio --rows warmup --cols lr --metric validation_accuracy\n"
@@ -522,13 +533,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else %(default)s)")
-    parser.add_argument("--rows", default="lr", help="param for the pivot's rows, without 'params.' (default: %(default)s)")
+    parser.add_argument("--rows", default="lr",
+                        help="param for the pivot's rows, without 'params.' (default: %(default)s)")
     parser.add_argument("--cols", default="ratio", help="param for the pivot's columns (default: %(default)s)")
     parser.add_argument("--metric", default="test_accuracy",
                         help="metric in the pivot cells and the plots, without 'metrics.' (default: %(default)s)")
     parser.add_argument("--formats", type=_formats, default=list(FORMATS),
                         help=f"comma list of table formats (default: {','.join(FORMATS)})")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="root folder of the exports (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("results"),
+                        help="root folder of the exports (default: %(default)s)")
     return parser
 
 
@@ -544,7 +557,9 @@ def export(args: argparse.Namespace, command: str) -> Path:
     formats = args.formats
     written: list[Path] = []
     long_table = trials_table(trials)
-    written += write_table(out_dir, "trials", _as_text(long_table), formats, f"{sweep.name}: trials", numeric=long_table)
+    written += write_table(
+        out_dir, "trials", _as_text(long_table), formats, f"{sweep.name}: trials", numeric=long_table
+    )
     corner = f"{rows} \\ {cols}"
     written += write_table(
         out_dir, "pivot", annotated_pivot.rename_axis(corner).reset_index(), formats,
@@ -556,8 +571,8 @@ def export(args: argparse.Namespace, command: str) -> Path:
     else:
         print("note: no 'ratio' param logged; by_ratio tables skipped", file=sys.stderr)
     written += write_table(out_dir, "runs", runs_table(trials), formats, f"{sweep.name}: runs")
-    for path in (plot(trials, "ratio", "lr", metric, out_dir / "by_ratio.png", log_x=False),
-                 plot(trials, "lr", "ratio", metric, out_dir / "by_lr.png", log_x=True)):
+    for x, series, log_x in (("ratio", "lr", False), ("lr", "ratio", True)):
+        path = plot(trials, x, series, metric, out_dir / f"by_{x}.png", log_x, f"{sweep.name}: {metric} by {x}")
         if path is not None:
             written.append(path)
     resolved = shlex.join([

@@ -154,6 +154,7 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     timings["eval_seconds"] = time.perf_counter() - t0
 
     metrics: dict[str, float] = {
+        "model_params": float(shape.num_params()),
         "train_examples": float(rows.num_examples),
         "train_tokens": float(outcome.history[-1].tokens_seen) if outcome.history else 0.0,
         "padding_fraction": float(rows.padding_fraction),

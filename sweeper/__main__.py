@@ -1,0 +1,19 @@
+"""`python -m sweeper -m lr=2e-3,2e-4 ratio=0.5,1.0`: a grid of trials, each a run in MLflow.
+
+Hydra's multirun does not turn failed jobs into an exit status; the callback records each
+trial's outcome and this entry point exits 1 when any trial failed, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from sweeper.app import main
+from sweeper.callbacks import close_open_sweep, exit_status
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        close_open_sweep()  # only when Hydra stopped before the sweep's end
+    sys.exit(exit_status())

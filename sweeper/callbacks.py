@@ -1,0 +1,196 @@
+"""The Hydra callback that opens a sweep before any trial and closes it after the last.
+
+Registered as hydra.callbacks.tracking in conf/sweeper.yaml. It runs in the launching process
+only, so the experiment, the store's tables and the one parent run are created once, before
+parallel trials could race to create them. Hydra turns an exception raised in a callback into
+a warning and goes on, so a sweep that can't start ends here with SystemExit instead.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from sweeper import expand, state, tracking
+
+EXIT_BAD_SWEEP = 2
+
+_exit_status = 0
+_open_sweep: Optional[tuple[Path, state.SweepState]] = None  # opened, not yet closed
+
+
+def exit_status() -> int:
+    """1 if a trial of the last sweep failed or the sweep was cut short, else 0."""
+    return _exit_status
+
+
+def close_open_sweep() -> None:
+    """Close a sweep whose end Hydra never reached (interrupted, or the launcher raised)."""
+    if _open_sweep is not None:
+        _close(*_open_sweep, interrupted=True)
+
+
+def git_commit(folder: Path) -> tuple[Optional[str], Optional[bool]]:
+    """(HEAD commit, whether tracked files have changes), or (None, None) outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit or None, bool(status.strip())
+
+
+def _abort(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_BAD_SWEEP)
+
+
+def _preview(config: DictConfig, jobs: list[list[str]]) -> None:
+    """Print the trials, each flagged if its values would fail validation; exit 0."""
+    from trainer.config import ConfigError, validate
+
+    from sweeper.config import trial_config
+
+    problems: list[Optional[str]] = []
+    for composed in expand.compose_jobs(config, jobs):
+        try:
+            validate(trial_config(composed, output_dir="preview"))
+            problems.append(None)
+        except ConfigError as error:
+            problems.append(str(error))
+    print("\n".join(expand.preview_lines(jobs, problems)), flush=True)
+    raise SystemExit(0)
+
+
+def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list[str]) -> None:
+    """Store, experiment and parent run, then the state file the jobs read."""
+    global _exit_status, _open_sweep
+    _exit_status = 0
+    launch_dir = Path(config.hydra.runtime.cwd)
+    uri = tracking.resolve_uri(config.tracking.uri, launch_dir)
+    tracking.check_reachable(uri, config.tracking.connect_timeout)
+    commit, dirty = git_commit(launch_dir)
+    name = config.sweep_name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
+    parent_tags = {
+        "sweeper.role": "parent",
+        "sweeper.num_trials": num_trials or None,
+        "sweeper.swept_keys": ",".join(swept_keys),
+        "sweeper.overrides": " ".join(config.hydra.overrides.task),
+        "sweeper.sweep_dir": str(sweep_dir),
+        "sweeper.launcher": OmegaConf.select(config, "hydra.launcher._target_"),
+        **tracking.git_tags(commit, dirty),
+    }
+    try:
+        client = tracking.MlflowClient(tracking_uri=uri)
+        experiment_id = tracking.open_experiment(client, config.tracking.experiment, uri)
+        parent_run_id = tracking.start_parent(client, experiment_id, name, parent_tags)
+    except tracking.MlflowException as error:
+        raise tracking.TrackingError(
+            f"the tracking store at tracking.uri={uri} could not open the sweep: {error}. "
+            "Check that the URI points at an MLflow tracking server or database."
+        ) from None
+    sweep = state.SweepState(
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        num_trials=num_trials,
+        swept_keys=swept_keys,
+        started_at=time.time(),
+        git_commit=commit,
+        git_dirty=dirty,
+    )
+    state.write_state(sweep_dir, sweep)
+    _open_sweep = (sweep_dir, sweep)
+    print(
+        f"sweep {name}: {num_trials or 'an unknown number of'} trials, parent run {parent_run_id} "
+        f"in experiment {config.tracking.experiment!r} at {uri}",
+        flush=True,
+    )
+
+
+def _close(sweep_dir: Path, sweep: state.SweepState, interrupted: bool = False) -> None:
+    global _exit_status, _open_sweep
+    _open_sweep = None
+    summary = state.read_summary(sweep_dir, sweep.num_trials)
+    print(format_summary(summary), flush=True)
+    if interrupted:
+        print("the sweep stopped before its end", file=sys.stderr, flush=True)
+    _exit_status = 1 if summary.failed or interrupted else 0
+    try:
+        client = tracking.MlflowClient(tracking_uri=sweep.tracking_uri)
+        tracking.finish_parent(client, sweep.parent_run_id, summary, status="KILLED" if interrupted else None)
+    except Exception as error:
+        print(f"warning: could not close parent run {sweep.parent_run_id}: {error}", file=sys.stderr)
+
+
+def format_summary(summary: state.Summary) -> str:
+    def number(value: float, digits: int) -> str:
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+    lines = [f"{'trial':>5}  {'status':<8}  {'val_acc':>7}  {'test_acc':>8}  {'compile':>7}  {'seconds':>7}  overrides  run"]
+    for o in summary.outcomes:
+        line = (
+            f"{o.trial:>5}  {o.status:<8}  {number(o.validation_accuracy, 4):>7}  {number(o.test_accuracy, 4):>8}  "
+            f"{number(o.compile_seconds, 1):>7}  {o.seconds:7.1f}  {o.name}  {o.run_id or '-'}"
+        )
+        if o.message:
+            line += f"  ({o.message})"
+        lines.append(line)
+    if summary.missing:
+        lines.append(f"{summary.missing} trial(s) left no outcome (the job crashed); counted as failed")
+    lines.append(summary.line())
+    return "\n".join(lines)
+
+
+class TrackingCallback(Callback):
+    """Opens the sweep (store, experiment, parent run) first; prints the summary last."""
+
+    def _start(self, config: DictConfig, jobs: Optional[list[list[str]]], sweep_dir: Path) -> None:
+        try:
+            if jobs is None:  # another sweeper (a search): trials are chosen as it goes
+                if config.preview:
+                    _abort("preview=true lists the grid of Hydra's basic sweeper; this sweep uses another")
+                num_trials = int(OmegaConf.select(config, "hydra.sweeper.n_trials", default=0) or 0)
+                params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+                _open(config, sweep_dir, num_trials, [str(key) for key in params])
+                return
+            if config.preview:
+                _preview(config, jobs)
+            expand.compose_jobs(config, jobs)
+            _open(config, sweep_dir, len(jobs), expand.swept_keys(jobs))
+        except (expand.SweepSpecError, tracking.TrackingError) as error:
+            _abort(str(error))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            _abort(f"could not open the sweep: {type(error).__name__}: {error}")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.runtime.cwd) / str(config.hydra.sweep.dir)
+        self._start(config, expand.expand_jobs(config), sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _open_sweep is not None:
+            _close(*_open_sweep)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A single run is a sweep of one trial, tracked the same way.
+        sweep_dir = Path(config.hydra.runtime.cwd) / str(config.hydra.run.dir)
+        self._start(config, [list(config.hydra.overrides.task)], sweep_dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _open_sweep is not None:
+            _close(*_open_sweep)

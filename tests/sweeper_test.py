@@ -1,0 +1,169 @@
+"""`python -m sweeper -m ...` end to end, against a temporary SQLite store.
+
+Each sweep is the real command in a subprocess, on the tiny model with a few steps; the
+assertions read the store back through MlflowClient.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["train.total_steps=4", "eval.max_examples=16", "eval.before_training=false", "tracking.flush_every=2"]
+
+
+@pytest.fixture(scope="session")
+def sweeper_env(rt_dir, tmp_path_factory) -> dict[str, str]:
+    """The environment of every sweeper subprocess; one tokenizer cache for the whole session."""
+    cache = tmp_path_factory.getbasetemp() / "llm_sweeper_cache"
+    cache.mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "ROTTEN_TOMATOES_DIR": str(rt_dir),
+        "LLM_SWEEPER_CACHE": str(cache),
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def run_sweeper(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def store_args(folder: Path) -> list[str]:
+    return [f"tracking.uri=sqlite:///{folder}/mlflow.db", f"hydra.sweep.dir={folder}/sweep", f"hydra.run.dir={folder}/run"]
+
+
+def read_runs(folder: Path):
+    """(parents, children) of the experiment, as MLflow Run objects."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    experiment = client.get_experiment_by_name("rotten_tomatoes")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(sweeper_env, tmp_path_factory):
+    """conf/sweep/quick_cpu.yaml (2 lr x 2 ratio), cut to 4 steps, run once for the module."""
+    folder = tmp_path_factory.mktemp("quick_sweep")
+    args = ["-m", "sweep=quick_cpu", *TINY, *store_args(folder)]
+    result = run_sweeper(sweeper_env, *args)
+    assert result.returncode == 0, explain(result)
+    return folder, args, result
+
+
+def test_sweep_makes_one_parent_and_a_finished_child_per_trial(quick_sweep):
+    folder, _, result = quick_sweep
+    assert "4 trials: 4 finished, 0 failed, 0 diverged, 0 skipped" in result.stdout, explain(result)
+    client, parents, children = read_runs(folder)
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_finished"] == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.info.run_name for c in children} == {
+        "lr=0.002,ratio=0.5", "lr=0.002,ratio=1.0", "lr=0.0002,ratio=0.5", "lr=0.0002,ratio=1.0",
+    }
+    hashes = {c.data.tags["sweeper.config_hash"] for c in children}
+    assert len(hashes) == 4 and all(len(h) == 64 for h in hashes)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["sweeper.status"] == "finished"
+        assert child.data.tags["sweeper.jax_backend"] and child.data.tags["sweeper.device_count"]
+        if (REPO / ".git").exists():
+            assert len(child.data.tags["mlflow.source.git.commit"]) == 40
+        assert 0.0 <= child.data.metrics["test_accuracy"] <= 1.0
+        assert 0.0 <= child.data.metrics["validation_accuracy"] <= 1.0
+        params = child.data.params
+        assert params["optim.b1"] == "0.9" and params["model.hidden_size"] and params["train.total_steps"] == "4"
+        assert float(params["lr"]) in (2e-3, 2e-4) and float(params["ratio"]) in (0.5, 1.0)
+        assert "output_dir" not in params
+        history = client.get_metric_history(child.info.run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "confusion.json", "predictions"} <= artifacts
+        predictions = {a.path for a in client.list_artifacts(child.info.run_id, "predictions")}
+        assert "predictions/predictions_test.jsonl" in predictions
+
+
+def test_trials_after_the_first_reuse_the_compiled_step(quick_sweep):
+    """The basic launcher runs the trials in one process; only trial 1 compiles."""
+    folder, _, _ = quick_sweep
+    _, _, children = read_runs(folder)
+    compile_seconds = {int(c.data.tags["sweeper.trial"]): c.data.metrics["compile_seconds"] for c in children}
+    first, later = compile_seconds[1], [compile_seconds[k] for k in (2, 3, 4)]
+    assert max(later) < first / 3, compile_seconds
+
+
+def test_rerunning_a_sweep_skips_every_finished_trial(quick_sweep, sweeper_env):
+    folder, args, _ = quick_sweep
+    result = run_sweeper(sweeper_env, *args)
+    assert result.returncode == 0, explain(result)
+    assert "4 trials: 0 finished, 0 failed, 0 diverged, 4 skipped" in result.stdout, explain(result)
+    _, parents, children = read_runs(folder)
+    assert len(children) == 4  # nothing new trained
+    assert len(parents) == 2
+    latest = max(parents, key=lambda r: r.info.start_time)
+    assert latest.data.metrics["trials_skipped"] == 4
+
+
+def test_a_failing_trial_is_recorded_and_the_others_finish(sweeper_env, tmp_path):
+    # (2e-3, 0.5) finishes; ratio=0 fails validation; lr=1e9 blows up at step 2 (diverged).
+    result = run_sweeper(sweeper_env, "-m", "lr=2e-3,1e9", "ratio=0.5,0", *TINY, *store_args(tmp_path))
+    assert result.returncode == 1, explain(result)
+    assert "4 trials: 1 finished, 2 failed, 1 diverged, 0 skipped" in result.stdout, explain(result)
+    _, parents, children = read_runs(tmp_path)
+    by_name = {c.info.run_name: c for c in children}
+    assert len(children) == 4
+    finished = by_name["lr=0.002,ratio=0.5"]
+    assert finished.info.status == "FINISHED" and finished.data.tags["sweeper.status"] == "finished"
+    for name in ("lr=0.002,ratio=0", "lr=1000000000.0,ratio=0"):
+        failed = by_name[name]
+        assert failed.info.status == "FAILED"
+        assert failed.data.tags["sweeper.status"] == "failed"
+        assert "ratio=0.0 is outside (0, 1]" in failed.data.tags["sweeper.error"]
+    diverged = by_name["lr=1000000000.0,ratio=0.5"]
+    assert diverged.info.status == "FINISHED"
+    assert diverged.data.tags["sweeper.status"] == "diverged"
+    assert "diverged at step" in diverged.data.tags["sweeper.message"]
+    assert parents[0].info.status == "FAILED"
+    assert parents[0].data.metrics["trials_failed"] == 2
+
+
+def test_a_single_run_is_a_tracked_sweep_of_one(sweeper_env, tmp_path):
+    result = run_sweeper(sweeper_env, "lr=2e-4", "ratio=0.5", *TINY, *store_args(tmp_path))
+    assert result.returncode == 0, explain(result)
+    assert "1 trials: 1 finished" in result.stdout
+    _, parents, children = read_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 1
+
+
+def test_an_unknown_key_fails_before_any_run(sweeper_env, tmp_path):
+    result = run_sweeper(sweeper_env, "-m", "lr=2e-3,2e-4", "optim.beta1=0.9", *store_args(tmp_path))
+    assert result.returncode != 0
+    assert "Key 'beta1' not in 'OptimConfig'" in result.stderr, explain(result)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_a_wrong_type_in_one_grid_value_fails_before_any_run(sweeper_env, tmp_path):
+    result = run_sweeper(sweeper_env, "-m", "lr=2e-3,fast", *store_args(tmp_path))
+    assert result.returncode == 2, explain(result)
+    assert "trial 2 of 2 (lr=fast " in result.stderr and "does not compose" in result.stderr
+    assert "could not be converted to Float" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()

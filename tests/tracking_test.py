@@ -1,0 +1,198 @@
+"""sweeper.tracking: hashing, params, batching, store checks, and a sweep through a real server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sweeper import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["train.total_steps=3", "eval.max_examples=16", "eval.before_training=false"]
+TRIAL = {
+    "lr": 2e-4, "warmup": 184, "ratio": 0.9, "seed": 0, "output_dir": "/tmp/a",
+    "optim": {"b1": 0.9, "b2": 0.9}, "data": {"cache_dir": "/tmp/cache", "seq_len": 128},
+    "eval": {"splits": ["test", "validation"]},
+}
+
+
+def with_values(**changes) -> dict:
+    trial = json.loads(json.dumps(TRIAL))
+    for dotted, value in changes.items():
+        node = trial
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return trial
+
+
+def test_flatten_uses_dotted_keys():
+    flat = tracking.flatten(TRIAL)
+    assert flat["optim.b1"] == 0.9 and flat["data.seq_len"] == 128 and flat["lr"] == 2e-4
+
+
+def test_params_are_the_flat_config_without_output_dir():
+    params = {p.key: p.value for p in tracking.trial_params(TRIAL)}
+    assert params["optim.b2"] == "0.9" and params["warmup"] == "184"
+    assert params["eval.splits"] == '["test", "validation"]'
+    assert "output_dir" not in params
+
+
+def test_config_hash_changes_with_results_not_with_where_they_go():
+    digest = tracking.config_hash(TRIAL)
+    assert digest == tracking.config_hash(with_values(output_dir="/elsewhere", data__cache_dir="/other"))
+    assert digest != tracking.config_hash(with_values(lr=2e-5))
+    assert digest != tracking.config_hash(with_values(optim__b1=0.8))
+
+
+def test_default_store_is_mlflow_db_in_the_launch_directory(tmp_path):
+    uri = tracking.resolve_uri(None, tmp_path)
+    assert uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.artifact_location(uri) == (tmp_path / "mlartifacts").as_uri()
+    assert tracking.resolve_uri("http://host:5000", tmp_path) == "http://host:5000"
+    assert tracking.artifact_location("http://host:5000") is None
+
+
+def test_step_metrics_go_in_batches():
+    calls = []
+    client = SimpleNamespace(log_batch=lambda run_id, metrics: calls.append(list(metrics)))
+    logger = tracking.StepLogger(client, "run", every=3)
+    for step in range(1, 8):
+        logger(SimpleNamespace(step=step, loss=1.0, learning_rate=0.1, grad_norm=0.5, tokens_per_second=9.0, tokens_seen=step))
+    logger.flush()
+    assert [len(batch) for batch in calls] == [15, 15, 5]  # 5 metrics a step: steps 1-3, 4-6, 7
+    assert {m.key for m in calls[0]} == set(tracking.STEP_KEYS)
+    assert sorted({m.step for m in calls[1]}) == [4, 5, 6]
+
+
+def test_unreachable_server_error_names_the_uri():
+    with pytest.raises(tracking.TrackingError, match=r"http://127\.0\.0\.1:1 .*mlflow server"):
+        tracking.check_reachable("http://127.0.0.1:1", timeout=2)
+
+
+# --- through the command -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sweeper_env(rt_dir, tmp_path_factory) -> dict[str, str]:
+    cache = tmp_path_factory.getbasetemp() / "llm_sweeper_cache"  # shared with sweeper_test
+    cache.mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "ROTTEN_TOMATOES_DIR": str(rt_dir),
+        "LLM_SWEEPER_CACHE": str(cache),
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def run_sweeper(env, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+
+
+def test_unreachable_server_stops_the_sweep_before_any_trial(sweeper_env, tmp_path):
+    started = time.monotonic()
+    result = run_sweeper(
+        sweeper_env, "-m", "lr=2e-3,2e-4", "tracking.uri=http://127.0.0.1:1", f"hydra.sweep.dir={tmp_path}/sweep"
+    )
+    assert result.returncode == 2, explain(result)
+    assert "cannot reach the MLflow tracking server at tracking.uri=http://127.0.0.1:1" in result.stderr
+    assert not (tmp_path / "sweep").exists()  # no trial started
+    assert time.monotonic() - started < 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, boot_timeout: float = 90):
+    """`mlflow server` on a free port with its own SQLite store; stopped (process group) on exit."""
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{folder}/server.db",
+            "--artifacts-destination", str(folder / "server_artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + boot_timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except (urllib.error.URLError, OSError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not come up:\n{(folder / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+        log.close()
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}{path}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_parallel_sweep_through_a_tracking_server(sweeper_env, tmp_path):
+    """Two joblib workers log to one server; the runs are read back over its REST API."""
+    with mlflow_server(tmp_path) as url:
+        result = run_sweeper(
+            sweeper_env, "-m", "lr=2e-3,2e-4", *TINY, f"tracking.uri={url}", f"hydra.sweep.dir={tmp_path}/sweep",
+            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        )
+        assert result.returncode == 0, explain(result)
+        assert "2 trials: 2 finished, 0 failed, 0 diverged, 0 skipped" in result.stdout, explain(result)
+        experiment = rest(url, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=rotten_tomatoes")
+        experiment_id = experiment["experiment"]["experiment_id"]
+        runs = rest(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id]})["runs"]
+        tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+        parents = [r for r, t in zip(runs, tags) if "mlflow.parentRunId" not in t]
+        children = [(r, t) for r, t in zip(runs, tags) if "mlflow.parentRunId" in t]
+        assert len(parents) == 1 and len(children) == 2
+        parent_id = parents[0]["info"]["run_id"]
+        assert parents[0]["info"]["status"] == "FINISHED"
+        assert sorted(t["mlflow.runName"] for _, t in children) == ["lr=0.0002", "lr=0.002"]
+        for run, run_tags in children:
+            assert run["info"]["status"] == "FINISHED"
+            assert run_tags["mlflow.parentRunId"] == parent_id and run_tags["sweeper.status"] == "finished"
+            metrics = {m["key"] for m in run["data"]["metrics"]}
+            assert {"test_accuracy", "validation_accuracy", "loss"} <= metrics
+            listed = rest(url, f"/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
+            assert "config.yaml" in {f["path"] for f in listed.get("files", [])}
