@@ -55,7 +55,7 @@ def run_job(cfg: DictConfig) -> float:
         print(f"trial {job.number}: {' '.join(job.overrides) or 'defaults'} (preview)")
         return math.nan
     sweep = state.read_state(job.sweep_dir)
-    name = expand.trial_name(job.overrides, sweep.swept_keys)
+    name = expand.trial_name(expand.trial_overrides(job.overrides), sweep.swept_keys)
     done = len(state.read_summary(job.sweep_dir, sweep.num_trials).outcomes)
     print(sweep_line(job.number, sweep.num_trials, name, sweep.started_at, done), flush=True)
     started = time.perf_counter()
@@ -72,12 +72,6 @@ def run_job(cfg: DictConfig) -> float:
     print(f"trial {job.number}{of}: {outcome.status} in {outcome.seconds:.1f}s"
           + (f" ({outcome.message})" if outcome.message else ""), flush=True)
     return outcome.validation_accuracy
-
-
-def trial_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that change the trial, without the sweeper's own keys (tracking, preview...)."""
-    own = {"tracking", "sweep_name", "preview", "resume"}
-    return [o for o in overrides if expand.override_key(o).split(".")[0] not in own]
 
 
 def finished_before(client, cfg: DictConfig, sweep: state.SweepState, digest: str, job: Job, name: str):
@@ -100,8 +94,12 @@ def child_tags(job: Job, sweep: state.SweepState, digest: str) -> dict:
     import jax
 
     return {
+        "sweeper.kind": "trial",
         "sweeper.config_hash": digest,
-        "sweeper.overrides": " ".join(trial_overrides(job.overrides)),
+        # The swept overrides, comma-joined like the run name (what sweeper.results parses) ...
+        "sweeper.overrides": expand.trial_name(expand.trial_overrides(job.overrides), sweep.swept_keys, empty=""),
+        # ... and every override that shaped the trial, as typed.
+        "sweeper.all_overrides": " ".join(expand.trial_overrides(job.overrides)),
         "sweeper.trial": job.number,
         "sweeper.status": "running",
         "sweeper.output_dir": str(job.output_dir),
@@ -166,11 +164,7 @@ def run_tracked_trial(cfg: DictConfig, job: Job, sweep: state.SweepState, name: 
         except Exception as tracking_error:  # the store failed too; the outcome file still has it
             outcome.message += f" (and tracking failed: {tracking_error})"
     finally:
-        try:
-            client.set_tag(run_id, "sweeper.status", outcome.status if run_status != "KILLED" else "failed")
-        except Exception:
-            pass
-        tracking.set_terminated_quietly(client, run_id, run_status)
+        tracking.end_run_quietly(client, run_id, run_status, outcome.status)
     return outcome
 
 

@@ -85,7 +85,7 @@ def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list
     commit, dirty = git_commit(launch_dir)
     name = config.sweep_name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
     parent_tags = {
-        "sweeper.role": "parent",
+        "sweeper.kind": "sweep",  # what sweeper.results looks for
         "sweeper.num_trials": num_trials or None,
         "sweeper.swept_keys": ",".join(swept_keys),
         "sweeper.overrides": " ".join(config.hydra.overrides.task),

@@ -42,6 +42,9 @@ class SweepConfig(TrialConfig):
     resume: bool = True  # skip a trial whose exact config already finished in the experiment
 
 
+SWEEPER_KEYS = tuple(f.name for f in dataclasses.fields(SweepConfig) if f.name not in TRIAL_KEYS)
+
+
 def register_configs() -> None:
     """The trainer's `trial_schema` and the sweeper's `sweep_schema` (trial fields MISSING)."""
     register_trial_configs()
@@ -75,6 +78,7 @@ def trial_config(cfg: DictConfig, *, output_dir: Optional[str] = None) -> TrialC
 
 
 __all__ = [
+    "SWEEPER_KEYS",
     "SweepConfig",
     "TRIAL_KEYS",
     "TrackingConfig",

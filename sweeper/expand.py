@@ -13,6 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from sweeper.config import SWEEPER_KEYS
+
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
@@ -37,6 +39,11 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def trial_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that shape the trial, without the sweeper's own keys (tracking, preview...)."""
+    return [o for o in overrides if override_key(o).split(".")[0] not in SWEEPER_KEYS]
+
+
 def swept_keys(jobs: list[list[str]]) -> list[str]:
     """The keys that take more than one value across the trials, in command-line order."""
     values: dict[str, set[str]] = {}
@@ -46,10 +53,10 @@ def swept_keys(jobs: list[list[str]]) -> list[str]:
     return [key for key, seen in values.items() if len(seen) > 1]
 
 
-def trial_name(overrides: list[str], keys: list[str]) -> str:
+def trial_name(overrides: list[str], keys: list[str], empty: str = "defaults") -> str:
     """`lr=0.0002,ratio=0.9`: the overrides that vary across the sweep (else all of them)."""
     chosen = [o for o in overrides if override_key(o) in keys] or list(overrides)
-    return ",".join(chosen) or "defaults"
+    return ",".join(chosen) or empty
 
 
 def compose_jobs(config: DictConfig, jobs: list[list[str]]) -> list[DictConfig]:
@@ -71,6 +78,9 @@ def compose_jobs(config: DictConfig, jobs: list[list[str]]) -> list[DictConfig]:
 def preview_lines(jobs: list[list[str]], problems: list[Optional[str]]) -> list[str]:
     keys = swept_keys(jobs)
     lines = [f"{len(jobs)} trials (preview: nothing is trained and no run is created):"]
+    fixed = [o for o in trial_overrides(jobs[0] if jobs else []) if override_key(o) not in keys]
+    if fixed and keys:
+        lines.append(f"  each with: {' '.join(fixed)}")
     for number, (overrides, problem) in enumerate(zip(jobs, problems), start=1):
         line = f"  #{number:<3d} {trial_name(overrides, keys)}"
         if problem:
@@ -87,4 +97,5 @@ __all__ = [
     "preview_lines",
     "swept_keys",
     "trial_name",
+    "trial_overrides",
 ]

@@ -40,9 +40,14 @@ class TrackingError(RuntimeError):
 
 
 def resolve_uri(uri: Optional[str], launch_dir: Path) -> str:
-    """tracking.uri, or the embedded SQLite store `mlflow.db` in the launch directory."""
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else the SQLite store `mlflow.db` in the launch directory.
+
+    The same order as `python -m sweeper.results`, so both read and write one store.
+    """
     if uri:
         return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(launch_dir / 'mlflow.db').resolve()}"
 
 
@@ -259,11 +264,11 @@ def finish_parent(client: MlflowClient, run_id: str, summary, status: Optional[s
     client.set_terminated(run_id, status or ("FAILED" if summary.failed else "FINISHED"))
 
 
-def set_terminated_quietly(client: MlflowClient, run_id: str, status: str) -> Optional[str]:
-    """End a run without raising; returns the error text when the store refused."""
+def end_run_quietly(client: MlflowClient, run_id: str, run_status: str, sweeper_status: str) -> Optional[str]:
+    """Tag sweeper.status and end the run, never raising; returns the error when the store refused."""
     try:
-        client.set_terminated(run_id, status)
+        client.set_tag(run_id, "sweeper.status", sweeper_status)
+        client.set_terminated(run_id, run_status)
     except Exception as error:  # the store is gone; the outcome file still records the trial
         return f"{type(error).__name__}: {error}"
     return None
-

@@ -119,3 +119,5 @@ def test_swept_keys_and_trial_names():
     assert expand.trial_name(jobs[1], keys) == "lr=0.002,ratio=0.9"
     assert expand.trial_name(["seed=0"], []) == "seed=0"
     assert expand.trial_name([], []) == "defaults"
+    overrides = ["lr=0.002", "tracking.uri=sqlite:///x.db", "preview=true", "+optim.end_lr=0", "resume=false"]
+    assert expand.trial_overrides(overrides) == ["lr=0.002", "+optim.end_lr=0"]

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# MLflow's own SQLAlchemy models warn on import (mlflow 3.17, SQLAlchemy 2); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.total_steps=4", "eval.max_examples=16", "eval.before_training=false", "tracking.flush_every=2"]
 
@@ -82,9 +85,13 @@ def test_sweep_makes_one_parent_and_a_finished_child_per_trial(quick_sweep):
     }
     hashes = {c.data.tags["sweeper.config_hash"] for c in children}
     assert len(hashes) == 4 and all(len(h) == 64 for h in hashes)
+    assert parent.data.tags["sweeper.kind"] == "sweep"
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["sweeper.status"] == "finished"
+        assert child.data.tags["sweeper.kind"] == "trial"
+        assert child.data.tags["sweeper.overrides"] == child.info.run_name
+        assert "train.total_steps=4" in child.data.tags["sweeper.all_overrides"]
         assert child.data.tags["sweeper.jax_backend"] and child.data.tags["sweeper.device_count"]
         if (REPO / ".git").exists():
             assert len(child.data.tags["mlflow.source.git.commit"]) == 40

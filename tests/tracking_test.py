@@ -58,12 +58,16 @@ def test_config_hash_changes_with_results_not_with_where_they_go():
     assert digest != tracking.config_hash(with_values(optim__b1=0.8))
 
 
-def test_default_store_is_mlflow_db_in_the_launch_directory(tmp_path):
+def test_default_store_is_mlflow_db_in_the_launch_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking.resolve_uri(None, tmp_path)
     assert uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert tracking.artifact_location(uri) == (tmp_path / "mlartifacts").as_uri()
     assert tracking.resolve_uri("http://host:5000", tmp_path) == "http://host:5000"
     assert tracking.artifact_location("http://host:5000") is None
+    # Like `python -m sweeper.results`, the environment's store comes before the default.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://other:5000")
+    assert tracking.resolve_uri(None, tmp_path) == "http://other:5000"
 
 
 def test_step_metrics_go_in_batches():

@@ -101,7 +101,6 @@ class TrialConfig:
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
     """The schema that conf/config.yaml lists first, so every group file is type-checked."""
     ConfigStore.instance().store(name="trial_schema", node=TrialConfig)
 

@@ -1,0 +1,6 @@
+"""Speed benchmarks of the trainer and the sweeper: `python -m benchmarks.<name> [--quick]`.
+
+throughput (train step against the PyTorch peer), epoch (packed rows against padded batches),
+sweep_overhead (what a sweep spends besides training), evaluate (score and generate speed).
+See benchmarks/README.md.
+"""

@@ -1,0 +1,156 @@
+"""What every benchmark shares: the presets from conf/, the data, the machine's description, tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import OmegaConf
+from tabulate import tabulate
+
+from trainer.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+# The checkout's neighbour, as tests/conftest.py finds it; $ROTTEN_TOMATOES_DIR wins when set.
+SHARED_DATA = REPO.parent / "shared/data/rotten_tomatoes"
+
+
+def preset(group: str, name: str, schema: type) -> Any:
+    """conf/<group>/<name>.yaml checked against its dataclass, as Hydra composes it."""
+    merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(CONF_DIR / group / f"{name}.yaml"))
+    return OmegaConf.to_object(merged)
+
+
+def model_preset(name: str = "tiny") -> ModelConfig:
+    return preset("model", name, ModelConfig)
+
+
+def optim_preset(name: str = "adamw") -> OptimConfig:
+    return preset("optim", name, OptimConfig)
+
+
+def train_preset(name: str = "cpu") -> TrainConfig:
+    return preset("train", name, TrainConfig)
+
+
+def eval_preset(name: str) -> EvalConfig:
+    return preset("eval", name, EvalConfig)
+
+
+def data_config() -> DataConfig:
+    """The rotten_tomatoes preset, pointed at the local copy when $ROTTEN_TOMATOES_DIR is unset."""
+    cfg = preset("data", "rotten_tomatoes", DataConfig)
+    if not os.environ.get(cfg.env_var) and SHARED_DATA.is_dir():
+        cfg.path = str(SHARED_DATA)
+    return cfg
+
+
+def load_data_and_tokenizer(model_cfg: ModelConfig):
+    """(splits, tokenizer): the tokenizer a trial of this model uses, trained once and cached on disk."""
+    from trainer.data import full_text, load_splits
+    from trainer.tokenizer import load_tokenizer
+
+    data_cfg = data_config()
+    splits = load_splits(data_cfg)
+    tokenizer = load_tokenizer(model_cfg, [full_text(e) for e in splits["train"]], data_cfg.cache_dir)
+    return splits, tokenizer
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, which containers narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def os_threads() -> int:
+    """Threads of this process now (XLA and torch size their pools themselves)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def machine_lines() -> list[str]:
+    """The machine and library versions, so a printed table can be compared with another."""
+    import flax
+    import jax
+    import optax
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines = [
+        f"machine: {cpu_name()}, {cpu_count()} usable cores, load average {load} (1/5/15 min)",
+        f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), flax {flax.__version__}, "
+        f"optax {optax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}",
+    ]
+    return lines
+
+
+def print_header(title: str, extra: Sequence[str] = ()) -> None:
+    print(f"== {title}")
+    for line in [*machine_lines(), *extra]:
+        print(f"   {line}")
+    print()
+
+
+def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], title: str = "") -> None:
+    if title:
+        print(title)
+    print(tabulate(rows, headers=headers, tablefmt="github", floatfmt=",.4g", intfmt=","))
+    print()
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall seconds of fn(); fn must block until its work is done."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> str:
+    """'min-max' of a few repeats, to show how noisy the median is."""
+    return f"{min(values):,.4g}-{max(values):,.4g}"
+
+
+def matmul_peak(size: int, repeats: int, threads: int) -> dict[str, float]:
+    """Best float32 FLOP/s of a size x size matmul, in jax and in torch (with `threads` threads)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    flops = 2.0 * size**3
+    jax_matmul = jax.jit(jnp.matmul)
+    ja, jb = jax.device_put(a), jax.device_put(b)
+    jax.block_until_ready(jax_matmul(ja, jb))  # compile
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    torch.matmul(ta, tb)
+    best = {"jax": float("inf"), "torch": float("inf")}
+    for _ in range(repeats):  # alternated, so a burst of load elsewhere hits both alike
+        best["jax"] = min(best["jax"], seconds(lambda: jax.block_until_ready(jax_matmul(ja, jb))))
+        best["torch"] = min(best["torch"], seconds(lambda: torch.matmul(ta, tb)))
+    return {name: flops / t for name, t in best.items()}
