@@ -358,3 +358,20 @@ def test_unreachable_hub_says_to_pass_a_local_folder(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
     with pytest.raises(CheckpointError, match=r"meta-llama/Llama-3.2-1B.*ConnectionError.*model\.checkpoint=PATH"):
         checkpoint.resolve_checkpoint("meta-llama/Llama-3.2-1B")
+
+
+def test_masked_attention_matches_jax_reference_with_grouped_heads():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from trainer.model import attention_mask, masked_attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 12, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 12, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 12, 2, 8)), jnp.float32)
+    segments = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
+    mask = attention_mask(segments)
+    expected = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(masked_attention(q, k, v, mask), expected, atol=1e-5)
