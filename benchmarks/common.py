@@ -93,12 +93,18 @@ def machine_lines() -> list[str]:
     import jax
     import optax
 
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    averages = os.getloadavg()
+    load = ", ".join(f"{x:.2f}" for x in averages)
     lines = [
         f"machine: {cpu_name()}, {cpu_count()} usable cores, load average {load} (1/5/15 min)",
         f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), flax {flax.__version__}, "
         f"optax {optax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}",
     ]
+    if averages[0] > 0.5 * cpu_count():
+        lines.append(
+            f"warning: the machine is busy (load {averages[0]:.1f} on {cpu_count()} cores); timings will vary, "
+            "PyTorch's most (its OpenMP threads stall when a core is taken)"
+        )
     return lines
 
 
@@ -109,10 +115,44 @@ def print_header(title: str, extra: Sequence[str] = ()) -> None:
     print()
 
 
+def number(value: Any) -> Any:
+    """Numbers with the digits a timing deserves: 12,345 / 123.4 / 1.23 / 0.0123; the rest as is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if isinstance(value, int):
+        return f"{value:,}"
+    size = abs(value)
+    if size >= 1000:
+        return f"{value:,.0f}"
+    if size >= 10:
+        return f"{value:.1f}"
+    if size >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def looks_numeric(cell: Any) -> bool:
+    """'12,345', '29.6%' and '1.2-3.4' (a spread) read as numbers, so their column is right-aligned."""
+    text = str(cell).replace(",", "").rstrip("%")
+    try:
+        float(text)
+        return True
+    except ValueError:
+        pass
+    try:
+        low, high = text.split("-", 1)
+        float(low), float(high)
+    except ValueError:
+        return False
+    return True
+
+
 def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], title: str = "") -> None:
     if title:
         print(title)
-    print(tabulate(rows, headers=headers, tablefmt="github", floatfmt=",.4g", intfmt=","))
+    cells = [[number(value) for value in row] for row in rows]
+    align = ["right" if cells and all(looks_numeric(row[i]) for row in cells) else "left" for i in range(len(headers))]
+    print(tabulate(cells, headers=headers, tablefmt="github", disable_numparse=True, colalign=align))
     print()
 
 
@@ -129,17 +169,16 @@ def median(values: Sequence[float]) -> float:
 
 def spread(values: Sequence[float]) -> str:
     """'min-max' of a few repeats, to show how noisy the median is."""
-    return f"{min(values):,.4g}-{max(values):,.4g}"
+    return f"{number(float(min(values)))}-{number(float(max(values)))}"
 
 
-def matmul_peak(size: int, repeats: int, threads: int) -> dict[str, float]:
-    """Best float32 FLOP/s of a size x size matmul, in jax and in torch (with `threads` threads)."""
+def matmul_peak(size: int, repeats: int) -> dict[str, float]:
+    """Best float32 FLOP/s of a size x size matmul, in jax and in torch (at its current thread count)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
 
-    torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)

@@ -8,7 +8,9 @@
 Launchers: Hydra's basic launcher (the default) runs the trials one after another in this
 process, so trials 2..N reuse the tokenized data, base weights and compiled step that
 trainer.trial memoises; the joblib launcher runs them in worker processes, each paying for
-its own first compile.
+its own first compile; `hydra/launcher=vectorized hydra.launcher.group_size=K` trains up to K
+trials that differ only in optimizer numbers and data subset together, one vmapped program,
+each still its own child run (sweeper/vectorized.py, trainer/vectorized.py).
 
 Tracking (tracking.uri): by default the SQLite store `mlflow.db` with artifacts in
 `mlartifacts/`, both in the directory the command is run from (`mlflow ui
@@ -18,6 +20,6 @@ finished in the experiment is skipped (resume=false trains it again). The comman
 "N trials: a finished, b failed, c diverged, d skipped" and exits 1 if any trial failed.
 
 Modules: config (typed schema), expand (the trials of a grid), callbacks (opens and closes a
-sweep), app (one trial as a Hydra job), tracking (MLflow), state (files in the sweep folder),
-progress (terminal output).
+sweep), app (one trial as a Hydra job), vectorized (groups of trials for the vectorised
+launcher), tracking (MLflow), state (files in the sweep folder), progress (terminal output).
 """

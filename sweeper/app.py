@@ -14,6 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -55,9 +56,7 @@ def run_job(cfg: DictConfig) -> float:
         print(f"trial {job.number}: {' '.join(job.overrides) or 'defaults'} (preview)")
         return math.nan
     sweep = state.read_state(job.sweep_dir)
-    name = expand.trial_name(expand.trial_overrides(job.overrides), sweep.swept_keys)
-    done = len(state.read_summary(job.sweep_dir, sweep.num_trials).outcomes)
-    print(sweep_line(job.number, sweep.num_trials, name, sweep.started_at, done), flush=True)
+    name = announce(job, sweep)
     started = time.perf_counter()
     outcome = state.Outcome(trial=job.number, name=name, status="failed", message="interrupted")
     try:
@@ -66,12 +65,25 @@ def run_job(cfg: DictConfig) -> float:
         traceback.print_exc()
         outcome = state.Outcome(trial=job.number, name=name, status="failed", message=f"{type(error).__name__}: {error}")
     finally:
-        outcome.seconds = time.perf_counter() - started
-        state.write_outcome(job.sweep_dir, outcome)
+        record_outcome(job, sweep, outcome, time.perf_counter() - started)
+    return outcome.validation_accuracy
+
+
+def announce(job: Job, sweep: state.SweepState) -> str:
+    """Print the trial's sweep line (number, name, ETA); returns its name."""
+    name = expand.trial_name(expand.trial_overrides(job.overrides), sweep.swept_keys)
+    done = len(state.read_summary(job.sweep_dir, sweep.num_trials).outcomes)
+    print(sweep_line(job.number, sweep.num_trials, name, sweep.started_at, done), flush=True)
+    return name
+
+
+def record_outcome(job: Job, sweep: state.SweepState, outcome: state.Outcome, seconds: float) -> None:
+    """Write the trial's outcome file (what the summary and exit status read) and print its line."""
+    outcome.seconds = seconds
+    state.write_outcome(job.sweep_dir, outcome)
     of = f" of {sweep.num_trials}" if sweep.num_trials else ""
     print(f"trial {job.number}{of}: {outcome.status} in {outcome.seconds:.1f}s"
           + (f" ({outcome.message})" if outcome.message else ""), flush=True)
-    return outcome.validation_accuracy
 
 
 def finished_before(client, cfg: DictConfig, sweep: state.SweepState, digest: str, job: Job, name: str):
@@ -109,63 +121,105 @@ def child_tags(job: Job, sweep: state.SweepState, digest: str) -> dict:
     }
 
 
-def run_tracked_trial(cfg: DictConfig, job: Job, sweep: state.SweepState, name: str) -> state.Outcome:
-    """Skip, or train in a child run that ends FINISHED (finished, diverged), FAILED or KILLED."""
-    from trainer.config import ConfigError
-    from trainer.data import DataError
-    from trainer.trial import run_trial
+class TrackedTrial:
+    """A trial's child run: opened before training, fed its steps, ended FINISHED, FAILED or KILLED.
 
-    client = tracking.MlflowClient(tracking_uri=sweep.tracking_uri)
-    values = trial_dict(cfg)
-    digest = tracking.config_hash(values)
-    skipped = finished_before(client, cfg, sweep, digest, job, name)
-    if skipped is not None:
-        return skipped
-    run_id = tracking.start_child(client, sweep.experiment_id, sweep.parent_run_id, name, child_tags(job, sweep, digest))
-    outcome = state.Outcome(trial=job.number, name=name, status="failed", run_id=run_id, message="interrupted")
-    run_status = "KILLED"  # unless the trial ends one way or the other below
-    bar = TrialBar(job.number, sweep.num_trials, cfg.train.total_steps)
-    steps = tracking.StepLogger(client, run_id, cfg.tracking.flush_every)
+    The run ends KILLED unless `record_result` or `record_failure` says how the trial ended.
+    """
 
-    def on_step(record) -> None:
-        steps(record)
-        bar(record)
+    def __init__(self, cfg: DictConfig, job: Job, sweep: state.SweepState, name: str, values: dict,
+                 client, run_id: str, bar: Optional[TrialBar]) -> None:
+        self.cfg, self.job, self.sweep, self.name, self.values = cfg, job, sweep, name, values
+        self.client, self.run_id, self.bar = client, run_id, bar
+        self.steps = tracking.StepLogger(client, run_id, cfg.tracking.flush_every)
+        self.run_status = "KILLED"
+        self.outcome = state.Outcome(trial=job.number, name=name, status="failed", run_id=run_id, message="interrupted")
 
-    try:
-        client.log_batch(run_id, params=tracking.trial_params(values))
-        client.log_text(run_id, OmegaConf.to_yaml(values), "config.yaml")
-        result = run_trial(OmegaConf.create(values), callback=on_step)
-        bar.close()
-        steps.flush()
+    @classmethod
+    def open(cls, cfg: DictConfig, job: Job, sweep: state.SweepState, name: str, *,
+             values: Optional[dict] = None, bar: bool = True) -> "TrackedTrial | state.Outcome":
+        """The trial's new child run, or a `skipped` outcome when its exact config finished before.
+
+        `values`: the resolved trial config, when resolved earlier (outside this job's Hydra context).
+        """
+        client = tracking.MlflowClient(tracking_uri=sweep.tracking_uri)
+        values = trial_dict(cfg) if values is None else values
+        digest = tracking.config_hash(values)
+        skipped = finished_before(client, cfg, sweep, digest, job, name)
+        if skipped is not None:
+            return skipped
+        run_id = tracking.start_child(client, sweep.experiment_id, sweep.parent_run_id, name, child_tags(job, sweep, digest))
+        progress = TrialBar(job.number, sweep.num_trials, cfg.train.total_steps) if bar else None
+        return cls(cfg, job, sweep, name, values, client, run_id, progress)
+
+    def log_config(self) -> None:
+        self.client.log_batch(self.run_id, params=tracking.trial_params(self.values))
+        self.client.log_text(self.run_id, OmegaConf.to_yaml(self.values), "config.yaml")
+
+    def on_step(self, record) -> None:
+        self.steps(record)
+        if self.bar is not None:
+            self.bar(record)
+
+    def record_result(self, result) -> state.Outcome:
+        """Log a TrialResult's metrics and artifacts; the run will end FINISHED."""
+        if self.bar is not None:
+            self.bar.close()
+        self.steps.flush()
         last_step = result.history[-1].step if result.history else 0
-        tracking.log_metrics(client, run_id, result.metrics, step=last_step)
-        tracking.log_trial_artifacts(client, run_id, result)
+        tracking.log_metrics(self.client, self.run_id, result.metrics, step=last_step)
+        tracking.log_trial_artifacts(self.client, self.run_id, result)
         if result.message:
-            client.set_tag(run_id, "sweeper.message", result.message)
-        outcome = state.Outcome(
-            trial=job.number, name=name, status=result.status, run_id=run_id, message=result.message,
+            self.client.set_tag(self.run_id, "sweeper.message", result.message)
+        self.outcome = state.Outcome(
+            trial=self.job.number, name=self.name, status=result.status, run_id=self.run_id, message=result.message,
             validation_accuracy=result.metrics.get("validation_accuracy", math.nan),
             test_accuracy=result.metrics.get("test_accuracy", math.nan),
             compile_seconds=result.metrics.get("compile_seconds", math.nan),
         )
         # A diverged trial is a measured outcome, not a crash: FINISHED, sweeper.status=diverged.
-        run_status = "FINISHED"
-    except Exception as error:
-        bar.close()
+        self.run_status = "FINISHED"
+        return self.outcome
+
+    def record_failure(self, error: Exception) -> state.Outcome:
+        """Record `error` (call it from the `except` block that caught it); the run will end FAILED."""
+        from trainer.config import ConfigError
+        from trainer.data import DataError
+
+        if self.bar is not None:
+            self.bar.close()
         message = f"{type(error).__name__}: {error}"
-        outcome = state.Outcome(trial=job.number, name=name, status="failed", run_id=run_id, message=message)
-        run_status = "FAILED"
+        self.outcome = state.Outcome(trial=self.job.number, name=self.name, status="failed", run_id=self.run_id, message=message)
+        self.run_status = "FAILED"
         details = traceback.format_exc()
         if not isinstance(error, (ConfigError, DataError)):
             print(details, file=sys.stderr, flush=True)
         try:
-            steps.flush()
-            tracking.log_error(client, run_id, message, details)
+            self.steps.flush()
+            tracking.log_error(self.client, self.run_id, message, details)
         except Exception as tracking_error:  # the store failed too; the outcome file still has it
-            outcome.message += f" (and tracking failed: {tracking_error})"
+            self.outcome.message += f" (and tracking failed: {tracking_error})"
+        return self.outcome
+
+    def close(self) -> None:
+        tracking.end_run_quietly(self.client, self.run_id, self.run_status, self.outcome.status)
+
+
+def run_tracked_trial(cfg: DictConfig, job: Job, sweep: state.SweepState, name: str) -> state.Outcome:
+    """Skip, or train in a child run that ends FINISHED (finished, diverged), FAILED or KILLED."""
+    from trainer.trial import run_trial
+
+    trial = TrackedTrial.open(cfg, job, sweep, name)
+    if isinstance(trial, state.Outcome):
+        return trial
+    try:
+        trial.log_config()
+        trial.record_result(run_trial(OmegaConf.create(trial.values), callback=trial.on_step))
+    except Exception as error:
+        trial.record_failure(error)
     finally:
-        tracking.end_run_quietly(client, run_id, run_status, outcome.status)
-    return outcome
+        trial.close()
+    return trial.outcome
 
 
 # ../conf as an absolute path: Hydra would read a relative config_path of a function defined

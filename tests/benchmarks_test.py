@@ -61,6 +61,12 @@ def test_evaluate_quick_prints_both_modes(bench_env):
     assert "examples/s warm" in out
 
 
+def test_step_profile_quick_prints_parts_and_xla_ops(bench_env):
+    out = run_quick(bench_env, "step_profile")
+    assert "train_step (all of it)" in out and "head + cross-entropy forward + backward" in out
+    assert "XLA ops by thread time" in out
+
+
 @pytest.mark.slow
 def test_sweep_overhead_quick_accounts_for_the_sweep(bench_env):
     out = run_quick(bench_env, "sweep_overhead")

@@ -174,3 +174,79 @@ def test_a_wrong_type_in_one_grid_value_fails_before_any_run(sweeper_env, tmp_pa
     assert "trial 2 of 2 (lr=fast " in result.stderr and "does not compose" in result.stderr
     assert "could not be converted to Float" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# --- hydra/launcher=vectorized: compatible trials trained together, each its own run ----------
+
+VECTORIZED = ["hydra/launcher=vectorized", "hydra.launcher.group_size=4"]
+
+
+@pytest.fixture(scope="module")
+def vectorized_sweep(sweeper_env, tmp_path_factory):
+    """The quick_cpu grid of `quick_sweep`, its 4 trials trained as one vectorised group."""
+    folder = tmp_path_factory.mktemp("vectorized_sweep")
+    args = ["-m", "sweep=quick_cpu", *TINY, *VECTORIZED, *store_args(folder)]
+    result = run_sweeper(sweeper_env, *args)
+    assert result.returncode == 0, explain(result)
+    return folder, args, result
+
+
+def test_a_vectorized_sweep_makes_a_finished_child_run_per_trial(vectorized_sweep, quick_sweep):
+    folder, _, result = vectorized_sweep
+    assert "vectorised group of 4: trials 1,2,3,4" in result.stdout, explain(result)
+    assert "4 trials: 4 finished, 0 failed, 0 diverged, 0 skipped" in result.stdout, explain(result)
+    client, parents, children = read_runs(folder)
+    assert len(parents) == 1 and len(children) == 4
+    assert parents[0].data.tags["sweeper.launcher"].endswith("VectorizedLauncher")
+    _, _, sequential = read_runs(quick_sweep[0])
+    alone = {c.info.run_name: c for c in sequential}
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["sweeper.status"] == "finished"
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        metrics = child.data.metrics
+        assert metrics["vectorized_trials"] == 4
+        # The same trial as the basic launcher's run of it: same accuracies, loss to float rounding.
+        twin = alone[child.info.run_name].data.metrics
+        for key in ("test_accuracy", "validation_accuracy", "train_examples", "steps"):
+            assert metrics[key] == twin[key], key
+        assert metrics["final_loss"] == pytest.approx(twin["final_loss"], rel=1e-5)
+        assert child.data.tags["sweeper.config_hash"] == alone[child.info.run_name].data.tags["sweeper.config_hash"]
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss")) == [1, 2, 3, 4]
+        assert {"config.yaml", "confusion.json", "predictions"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+
+
+def test_rerunning_a_vectorized_sweep_skips_every_finished_trial(vectorized_sweep, sweeper_env):
+    folder, args, _ = vectorized_sweep
+    result = run_sweeper(sweeper_env, *args)
+    assert result.returncode == 0, explain(result)
+    assert "4 trials: 0 finished, 0 failed, 0 diverged, 4 skipped" in result.stdout, explain(result)
+    assert "vectorised group" not in result.stdout
+    assert len(read_runs(folder)[2]) == 4
+
+
+def test_a_vectorized_sweep_records_failed_and_diverged_trials_one_by_one(sweeper_env, tmp_path):
+    # ratio=0 fails validation (alone, through the app); (2e-3, 0.5) and (1e9, 0.5) train as a group
+    # of two in which the second diverges.
+    result = run_sweeper(sweeper_env, "-m", "lr=2e-3,1e9", "ratio=0.5,0", *TINY, *VECTORIZED, *store_args(tmp_path))
+    assert result.returncode == 1, explain(result)
+    assert "4 trials: 1 finished, 2 failed, 1 diverged, 0 skipped" in result.stdout, explain(result)
+    assert "vectorised group of 2: trials 1,3" in result.stdout, explain(result)
+    _, parents, children = read_runs(tmp_path)
+    by_name = {c.info.run_name: c for c in children}
+    assert len(children) == 4
+    assert by_name["lr=0.002,ratio=0.5"].data.tags["sweeper.status"] == "finished"
+    for name in ("lr=0.002,ratio=0", "lr=1000000000.0,ratio=0"):
+        assert by_name[name].info.status == "FAILED"
+        assert "ratio=0.0 is outside (0, 1]" in by_name[name].data.tags["sweeper.error"]
+    diverged = by_name["lr=1000000000.0,ratio=0.5"]
+    assert diverged.info.status == "FINISHED" and diverged.data.tags["sweeper.status"] == "diverged"
+    assert "diverged at step" in diverged.data.tags["sweeper.message"]
+    assert parents[0].data.metrics["trials_failed"] == 2
+
+
+def test_groups_are_cut_to_the_launchers_group_size():
+    from sweeper.vectorized import chunks
+
+    assert chunks([0, 2, 3, 5, 6], 2) == [[0, 2], [3, 5], [6]]
+    assert chunks([0, 1, 2], 0) == chunks([0, 1, 2], 1) == [[0], [1], [2]]  # 0 or 1: one by one
+    assert chunks([4, 7], 8) == [[4, 7]]

@@ -76,6 +76,13 @@ def make_train_step(
     graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None
 ) -> Callable:
     """The jitted step for one model structure; cached so every trial in a process shares it."""
+    return jax.jit(build_train_step(graphdef, optimizer, grad_accum, loss_positions), donate_argnums=0)
+
+
+def build_train_step(
+    graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The pure, un-jitted `train_step(state, batch)`: what make_train_step jits and trainer.vectorized vmaps."""
 
     def micro_grads(params, micro):
         (loss_sum, count), grads = jax.value_and_grad(
@@ -120,7 +127,7 @@ def make_train_step(
         }
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return train_step
 
 
 @dataclass
@@ -135,7 +142,7 @@ class StepRecord:
 
 @dataclass
 class TrainOutcome:
-    state: TrainState
+    state: Optional[TrainState]  # None for a trial of a vectorised group (trainer/vectorized.py)
     status: str  # "finished" | "diverged"
     steps_done: int
     history: list[StepRecord] = field(default_factory=list)

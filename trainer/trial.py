@@ -27,7 +27,8 @@ from trainer.model import Llama, LlamaShape, init_model
 from trainer.optim import Hyperparams, Optimizer
 from trainer.tokenizer import Tokenizer, load_tokenizer
 from trainer.train import (
-    StepRecord, create_state, make_train_step, max_loss_positions, total_steps_for, train_loop,
+    StepRecord, TrainOutcome, TrainState, create_state, make_train_step, max_loss_positions, total_steps_for,
+    train_loop,
 )
 
 from flax import nnx
@@ -76,15 +77,19 @@ def resolve_model(cfg: TrialConfig) -> tuple[LlamaShape, Optional[str]]:
     return LlamaShape.from_config(checkpoint_model_config(cfg.model, folder)), str(folder)
 
 
-def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None) -> TrialResult:
-    """Fine-tune, evaluate before and after, and return what was measured."""
-    wall_start = time.perf_counter()
-    cfg = to_trial_config(cfg)
-    validate(cfg)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+@dataclass
+class TrialData:
+    """What one trial trains and evaluates on: its subset packed into rows, and the eval splits."""
 
+    splits: dict[str, list[data_lib.Example]]
+    tokenizer: Tokenizer
+    rows: data_lib.PackedRows
+    eval_sets: dict[str, data_lib.TokenizedSplit]
+    seconds: float
+
+
+def prepare_data(cfg: TrialConfig) -> TrialData:
+    """Load, subset (ratio, seed), tokenize and pack; the memoised steps make a repeat cheap."""
     t0 = time.perf_counter()
     splits = data_lib.load_splits(cfg.data)
     train_examples = data_lib.sample_ratio(splits["train"], cfg.ratio, cfg.seed)
@@ -95,9 +100,11 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     eval_sets = {
         split: data_lib.tokenize_examples(splits[split], tokenizer, cache_dir) for split in cfg.eval.splits
     }
-    timings["data_seconds"] = time.perf_counter() - t0
+    return TrialData(splits, tokenizer, rows, eval_sets, time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
+
+def load_model(cfg: TrialConfig, tokenizer: Tokenizer) -> tuple[LlamaShape, nnx.GraphDef, nnx.State]:
+    """The model's shape and the trial's base weights (a checkpoint, or a random init from cfg.seed)."""
     shape, folder = resolve_model(cfg)
     if tokenizer.vocab_size > shape.vocab_size:
         from trainer.config import ConfigError
@@ -107,77 +114,120 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
     graphdef, base_params = _base_model(shape, folder, cfg.seed if folder is None else 0)
+    return shape, graphdef, base_params
+
+
+def trial_total_steps(cfg: TrialConfig, rows: data_lib.PackedRows) -> int:
+    return total_steps_for(cfg.train, data_lib.steps_per_epoch(rows, cfg.train.batch_size))
+
+
+def initial_state(
+    cfg: TrialConfig, graphdef: nnx.GraphDef, base_params: nnx.State, total_steps: int, *, copy: bool = True
+) -> tuple[Optimizer, nnx.GraphDef, TrainState]:
+    """The optimizer structure and a fresh train state over the base weights (a copy unless copy=False)."""
+    hparams = Hyperparams.create(lr=cfg.lr, warmup=cfg.warmup, total_steps=total_steps, cfg=cfg.optim)
+    optimizer = Optimizer.from_config(cfg.optim)
+    # A fresh copy: the step donates its input state, and the base weights serve later trials.
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, base_params) if copy else base_params)
+    graphdef, state = create_state(model, optimizer, hparams)
+    return optimizer, graphdef, state
+
+
+class Evaluation:
+    """Evaluates a trial's params on cfg.eval.splits, collecting reports and predictions files."""
+
+    def __init__(self, cfg: TrialConfig, data: TrialData, graphdef: nnx.GraphDef) -> None:
+        self.cfg, self.data, self.graphdef = cfg, data, graphdef
+        self.reports: dict[str, EvalReport] = {}
+        self.artifacts: dict[str, str] = {}
+
+    def __call__(self, params, prefix: str) -> float:
+        """Evaluate every split under `prefix` ("before/" or ""); returns the seconds it took."""
+        t0 = time.perf_counter()
+        cfg, output_dir = self.cfg, Path(self.cfg.output_dir)
+        for split, tokenized in self.data.eval_sets.items():
+            name = f"{prefix}{split}"
+            path = output_dir / f"predictions_{name.replace('/', '_')}.jsonl" if cfg.eval.predictions else None
+            texts = [data_lib.prompt_text(e.text) for e in self.data.splits[split]]
+            self.reports[name] = evaluate_split(
+                split, self.graphdef, params, tokenized, self.data.tokenizer, cfg.eval,
+                seed=cfg.seed, prompt_texts=texts, predictions_path=path,
+            )
+            if path is not None:
+                self.artifacts[f"predictions_{name.replace('/', '_')}"] = str(path)
+        return time.perf_counter() - t0
+
+
+def trial_result(
+    shape: LlamaShape,
+    data: TrialData,
+    outcome: TrainOutcome,
+    total_steps: int,
+    evaluation: Evaluation,
+    timings: dict[str, float],
+) -> TrialResult:
+    """The TrialResult of a trained (and evaluated) trial; `timings` must hold wall_seconds last."""
+    history = outcome.history
+    metrics: dict[str, float] = {
+        "model_params": float(shape.num_params()),
+        "train_examples": float(data.rows.num_examples),
+        "train_tokens": float(history[-1].tokens_seen) if history else 0.0,
+        "padding_fraction": float(data.rows.padding_fraction),
+        "steps": float(outcome.steps_done),
+        "total_steps": float(total_steps),
+        "compile_seconds": outcome.compile_seconds,
+        "train_seconds": outcome.train_seconds,
+        **{key: value for key, value in timings.items() if key != "wall_seconds"},
+    }
+    if history:
+        metrics["final_loss"] = history[-1].loss
+        steady = [r.tokens_per_second for r in history[1:]] or [history[0].tokens_per_second]
+        metrics["tokens_per_second"] = float(np.median(steady))
+    for name, report in evaluation.reports.items():
+        prefix = name.replace("/", "_") + "_"
+        metrics.update(report.metrics(prefix))
+        metrics[prefix + "degenerate"] = float(report.degenerate)
+    metrics["wall_seconds"] = timings["wall_seconds"]
+    return TrialResult(
+        status=outcome.status,
+        metrics=metrics,
+        message=outcome.message,
+        reports=evaluation.reports,
+        history=history,
+        artifacts=evaluation.artifacts,
+    )
+
+
+def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None) -> TrialResult:
+    """Fine-tune, evaluate before and after, and return what was measured."""
+    wall_start = time.perf_counter()
+    cfg = to_trial_config(cfg)
+    validate(cfg)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+
+    data = prepare_data(cfg)
+    timings: dict[str, float] = {"data_seconds": data.seconds}
+    t0 = time.perf_counter()
+    shape, graphdef, base_params = load_model(cfg, data.tokenizer)
     timings["model_seconds"] = time.perf_counter() - t0
 
     mesh = sharding_lib.make_mesh(cfg.train.mesh)
     sharding_lib.check_batch_size(cfg.train.batch_size, mesh)
-    steps_per_epoch = data_lib.steps_per_epoch(rows, cfg.train.batch_size)
-    total_steps = total_steps_for(cfg.train, steps_per_epoch)
-    hparams = Hyperparams.create(lr=cfg.lr, warmup=cfg.warmup, total_steps=total_steps, cfg=cfg.optim)
-    optimizer = Optimizer.from_config(cfg.optim)
-    # A fresh copy: the step donates its input state, and the base weights serve later trials.
-    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, base_params))
-    graphdef, state = create_state(model, optimizer, hparams)
+    total_steps = trial_total_steps(cfg, data.rows)
+    optimizer, graphdef, state = initial_state(cfg, graphdef, base_params, total_steps)
     state = sharding_lib.shard_state(state, mesh)
-    loss_positions = max_loss_positions(rows.loss_mask, cfg.data.seq_len)
+    loss_positions = max_loss_positions(data.rows.loss_mask, cfg.data.seq_len)
     step_fn = make_train_step(graphdef, optimizer, cfg.train.grad_accum, loss_positions)
     if len(mesh.devices.flat) > 1:
         step_fn = sharding_lib.pin_state_shardings(step_fn, state, mesh)
     put_batch = functools.partial(sharding_lib.put_batch, mesh=mesh)
 
-    reports: dict[str, EvalReport] = {}
-    artifacts: dict[str, str] = {}
+    evaluation = Evaluation(cfg, data, graphdef)
+    timings["eval_before_seconds"] = evaluation(state.params, "before/") if cfg.eval.before_training else 0.0
 
-    def evaluate(params, prefix: str) -> None:
-        for split, tokenized in eval_sets.items():
-            name = f"{prefix}{split}"
-            path = output_dir / f"predictions_{name.replace('/', '_')}.jsonl" if cfg.eval.predictions else None
-            texts = [data_lib.prompt_text(e.text) for e in splits[split]]
-            reports[name] = evaluate_split(
-                split, graphdef, params, tokenized, tokenizer, cfg.eval,
-                seed=cfg.seed, prompt_texts=texts, predictions_path=path,
-            )
-            if path is not None:
-                artifacts[f"predictions_{name.replace('/', '_')}"] = str(path)
-
-    t0 = time.perf_counter()
-    if cfg.eval.before_training:
-        evaluate(state.params, "before/")
-    timings["eval_before_seconds"] = time.perf_counter() - t0
-
-    batches = data_lib.batches(rows, cfg.train.batch_size, cfg.seed)
+    batches = data_lib.batches(data.rows, cfg.train.batch_size, cfg.seed)
     outcome = train_loop(step_fn, state, batches, total_steps, put_batch=put_batch, callback=callback)
 
-    t0 = time.perf_counter()
-    if outcome.status == "finished":
-        evaluate(outcome.state.params, "")
-    timings["eval_seconds"] = time.perf_counter() - t0
-
-    metrics: dict[str, float] = {
-        "model_params": float(shape.num_params()),
-        "train_examples": float(rows.num_examples),
-        "train_tokens": float(outcome.history[-1].tokens_seen) if outcome.history else 0.0,
-        "padding_fraction": float(rows.padding_fraction),
-        "steps": float(outcome.steps_done),
-        "total_steps": float(total_steps),
-        "compile_seconds": outcome.compile_seconds,
-        "train_seconds": outcome.train_seconds,
-        **timings,
-    }
-    if outcome.history:
-        metrics["final_loss"] = outcome.history[-1].loss
-        steady = [r.tokens_per_second for r in outcome.history[1:]] or [outcome.history[0].tokens_per_second]
-        metrics["tokens_per_second"] = float(np.median(steady))
-    for name, report in reports.items():
-        prefix = name.replace("/", "_") + "_"
-        metrics.update(report.metrics(prefix))
-        metrics[prefix + "degenerate"] = float(report.degenerate)
-    metrics["wall_seconds"] = time.perf_counter() - wall_start
-    return TrialResult(
-        status=outcome.status,
-        metrics=metrics,
-        message=outcome.message,
-        reports=reports,
-        history=outcome.history,
-        artifacts=artifacts,
-    )
+    timings["eval_seconds"] = evaluation(outcome.state.params, "") if outcome.status == "finished" else 0.0
+    timings["wall_seconds"] = time.perf_counter() - wall_start
+    return trial_result(shape, data, outcome, total_steps, evaluation, timings)
