@@ -87,22 +87,40 @@ def os_threads() -> int:
     return -1
 
 
+def busy_share(interval: float = 0.5) -> float:
+    """Share of all cores that other processes kept busy over `interval` seconds (this one sleeps)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total_before, idle_before = sample()
+        time.sleep(interval)
+        total_after, idle_after = sample()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    total = max(total_after - total_before, 1)
+    return 1.0 - (idle_after - idle_before) / total
+
+
 def machine_lines() -> list[str]:
     """The machine and library versions, so a printed table can be compared with another."""
     import flax
     import jax
     import optax
 
-    averages = os.getloadavg()
-    load = ", ".join(f"{x:.2f}" for x in averages)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    busy = busy_share()
     lines = [
-        f"machine: {cpu_name()}, {cpu_count()} usable cores, load average {load} (1/5/15 min)",
+        f"machine: {cpu_name()}, {cpu_count()} usable cores; before the start, other processes kept "
+        f"{100 * busy:.0f}% of the CPU busy (load average {load}, 1/5/15 min)",
         f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), flax {flax.__version__}, "
         f"optax {optax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}",
     ]
-    if averages[0] > 0.5 * cpu_count():
+    if busy > 0.2:
         lines.append(
-            f"warning: the machine is busy (load {averages[0]:.1f} on {cpu_count()} cores); timings will vary, "
+            f"warning: the machine is busy ({100 * busy:.0f}% of {cpu_count()} cores taken); timings will vary, "
             "PyTorch's most (its OpenMP threads stall when a core is taken)"
         )
     return lines

@@ -18,8 +18,6 @@ import glob
 import re
 import tempfile
 
-import numpy as np
-
 from benchmarks.common import optim_preset, print_header, print_table, seconds
 from benchmarks.throughput import Ours, make_setups, token_batches
 
@@ -149,8 +147,8 @@ def main(argv=None) -> None:
         print_table(
             rows,
             ["XLA op (profile)", "from", "thread ms/step", "share"],
-            title=f"XLA ops by thread time, summed over XLA's threads: {total:.1f} ms per step in all "
-                  f"({np.round(total / step_ms, 2)} busy threads on average)",
+            title=f"XLA ops by thread time: their spans on XLA's threads sum to {total:.1f} ms per step, "
+                  f"{total / step_ms:.2f}x the step's wall time (on average that many cores run an op)",
         )
 
 
