@@ -163,3 +163,39 @@ def test_head_on_loss_positions_only_gives_the_same_loss_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # Most tokens carrying a loss: no gathering.
     assert max_loss_positions(np.ones((4, 32)), 32) is None
+
+
+def test_chunked_head_loss_equals_the_full_logits_loss_and_gradients():
+    from trainer.model import head_losses, token_losses
+
+    model = init_model(SHAPE, 0)
+    batch = random_batch(4, batch=4, length=32)
+    hidden = jax.random.normal(jax.random.key(0), (4, 32, SHAPE.hidden_size))
+    targets = jnp.asarray(batch["targets"])
+
+    def full(h):
+        return jnp.sum(token_losses(model.logits(h), targets))
+
+    def chunked(h):
+        return jnp.sum(head_losses(model, h, targets, chunk_tokens=16))
+
+    np.testing.assert_allclose(
+        head_losses(model, hidden, targets, chunk_tokens=16), token_losses(model.logits(hidden), targets), rtol=1e-6
+    )
+    np.testing.assert_allclose(jax.grad(chunked)(hidden), jax.grad(full)(hidden), rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_head_loss_gives_the_head_the_same_gradient():
+    from flax import nnx
+
+    from trainer.model import head_losses
+
+    graphdef, params = nnx.split(init_model(SHAPE, 0), nnx.Param)
+    hidden = jax.random.normal(jax.random.key(1), (4, 64, SHAPE.hidden_size))
+    targets = jax.random.randint(jax.random.key(2), (4, 64), 0, SHAPE.vocab_size)
+
+    def loss(p, chunk):
+        return jnp.sum(head_losses(nnx.merge(graphdef, p), hidden, targets, chunk_tokens=chunk))
+
+    chunked, full = jax.grad(loss)(params, 64), jax.grad(loss)(params, 10**9)
+    np.testing.assert_allclose(chunked["head_DxV"][...], full["head_DxV"][...], rtol=1e-5, atol=1e-6)

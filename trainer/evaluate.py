@@ -91,7 +91,8 @@ def _generate_fn(graphdef: nnx.GraphDef, max_new_tokens: int):
         def one_token(t, carry):
             buffer, key = carry
             # Recomputes the prefix each token: answers here are a few tokens long.
-            logits = model(buffer)[batch, lengths_B + t - 1]
+            # The head runs only at each row's last position.
+            logits = model.logits(model.hidden_states(buffer)[batch, lengths_B + t - 1])
             key, sub = jax.random.split(key)
             sampled = jax.random.categorical(sub, logits / jnp.maximum(temperature, 1e-6))
             token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))

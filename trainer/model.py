@@ -106,8 +106,8 @@ def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
     """Softmax attention with grouped key/value heads, scores and softmax in float32.
 
     Written as plain einsums over repeated key/value heads: on XLA's CPU backend this is about
-    4x faster forward and backward than jax.nn.dot_product_attention with a mask (the
-    `attention` figures in benchmarks/README.md).
+    2.8x faster forward + backward than jax.nn.dot_product_attention with a mask on the tiny
+    preset (17 -> 6 ms per layer, measured with benchmarks/step_profile.py's method).
     """
     groups = q_BxTxNxH.shape[2] // k_BxSxKxH.shape[2]
     k_BxSxNxH = jnp.repeat(k_BxSxKxH, groups, axis=2)
@@ -205,6 +205,34 @@ def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     logits = logits_BxTxV.astype(jnp.float32)
     target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def head_losses(model: "Llama", hidden_BxTxD: jax.Array, targets_BxT: jax.Array, chunk_tokens: int = 512) -> jax.Array:
+    """Per-token cross-entropy of the output head, computed `chunk_tokens` tokens at a time.
+
+    The full (B*T, V) logits of a large vocabulary overflow the CPU's caches and every pass over
+    them is memory-bound; chunks that are recomputed in the backward pass (jax.checkpoint) make
+    the tiny preset's full-loss step 1.66x faster (benchmarks/README.md, step_profile). Equal to
+    `token_losses(model.logits(hidden), targets)`.
+    """
+    batch, length, dim = hidden_BxTxD.shape
+    tokens = batch * length
+    if tokens <= chunk_tokens or tokens % chunk_tokens:
+        return token_losses(model.logits(hidden_BxTxD), targets_BxT)
+    head_DxV = model.head_DxV[...]
+    dt = jnp.dtype(model.shape.dtype)
+
+    @jax.checkpoint
+    def chunk_losses(args):
+        hidden_CxD, targets_C = args
+        logits_CxV = (hidden_CxD @ head_DxV.astype(dt)).astype(jnp.float32)
+        return token_losses(logits_CxV, targets_C)
+
+    losses = jax.lax.map(
+        chunk_losses,
+        (hidden_BxTxD.reshape(-1, chunk_tokens, dim), targets_BxT.reshape(-1, chunk_tokens)),
+    )
+    return losses.reshape(batch, length)
 
 
 def gather_positions(k: int, mask_BxT: jax.Array, *arrays_BxT: jax.Array):

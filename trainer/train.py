@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from trainer.model import Llama, gather_positions, token_losses
+from trainer.model import Llama, gather_positions, head_losses
 from trainer.optim import Hyperparams, Optimizer
 
 Batch = dict  # inputs, targets, segment_ids, positions, loss_mask: (B, T) arrays
@@ -60,7 +60,7 @@ def loss_sums(
         _, (mask_BxT, targets_BxT, hidden_BxTxD) = gather_positions(
             loss_positions, mask_BxT, targets_BxT, hidden_BxTxD
         )
-    losses_BxT = token_losses(model.logits(hidden_BxTxD), targets_BxT)
+    losses_BxT = head_losses(model, hidden_BxTxD, targets_BxT)
     return jnp.sum(losses_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
