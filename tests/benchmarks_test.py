@@ -6,7 +6,6 @@ each script still drives the current trainer and sweeper and prints its figures.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +16,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def bench_env(rt_dir, tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.getbasetemp() / "llm_sweeper_cache"  # shared with tracking_test, sweeper_test
-    cache.mkdir(exist_ok=True)
-    return {
-        **os.environ,
-        "ROTTEN_TOMATOES_DIR": str(rt_dir),
-        "LLM_SWEEPER_CACHE": str(cache),
-        "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def run_quick(env: dict[str, str], name: str, timeout: float = 240) -> str:
@@ -39,8 +27,8 @@ def run_quick(env: dict[str, str], name: str, timeout: float = 240) -> str:
     return result.stdout
 
 
-def test_throughput_quick_prints_both_sides_ratio_and_mfu(bench_env):
-    out = run_quick(bench_env, "throughput")
+def test_throughput_quick_prints_both_sides_ratio_and_mfu(sweeper_env):
+    out = run_quick(sweeper_env, "throughput")
     assert "float32 matmul peak" in out and "torch 2." in out
     for setup in ("easylm_debug", "tiny"):
         assert f"-- {setup}" in out
@@ -49,27 +37,27 @@ def test_throughput_quick_prints_both_sides_ratio_and_mfu(bench_env):
     assert "MFU" in out and "FLOPs/token = 6*" in out
 
 
-def test_epoch_quick_prints_both_layouts_padding_and_ratio(bench_env):
-    out = run_quick(bench_env, "epoch")
+def test_epoch_quick_prints_both_layouts_padding_and_ratio(sweeper_env):
+    out = run_quick(sweeper_env, "epoch")
     assert "packed rows of 128" in out and "padded to the longest" in out
     assert "padding" in out and "epoch wall time ratio theirs/ours:" in out
 
 
-def test_evaluate_quick_prints_both_modes(bench_env):
-    out = run_quick(bench_env, "evaluate")
+def test_evaluate_quick_prints_both_modes(sweeper_env):
+    out = run_quick(sweeper_env, "evaluate")
     assert "eval.mode=score" in out and "eval.mode=generate" in out
     assert "examples/s warm" in out
 
 
-def test_step_profile_quick_prints_parts_and_xla_ops(bench_env):
-    out = run_quick(bench_env, "step_profile")
+def test_step_profile_quick_prints_parts_and_xla_ops(sweeper_env):
+    out = run_quick(sweeper_env, "step_profile")
     assert "train_step (all of it)" in out and "head + cross-entropy forward + backward" in out
     assert "XLA ops by thread time" in out
 
 
 @pytest.mark.slow
-def test_sweep_overhead_quick_accounts_for_the_sweep(bench_env):
-    out = run_quick(bench_env, "sweep_overhead")
+def test_sweep_overhead_quick_accounts_for_the_sweep(sweeper_env):
+    out = run_quick(sweeper_env, "sweep_overhead")
     assert "python -m sweeper -m lr=" in out
     for phase in ("startup, teardown, between trials", "compilation (first step)", "data prep",
                   "eval before training", "tracking (MLflow) around run_trial", "total (subprocess wall)"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,17 @@ def tiny_tokenizer(rt_splits, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("tokenizer_cache")
     texts = [full_text(example) for example in rt_splits["train"]]
     return load_tokenizer(ModelConfig(vocab_size=2048), texts, str(cache_dir))
+
+
+@pytest.fixture(scope="session")
+def sweeper_env(rt_dir, tmp_path_factory) -> dict[str, str]:
+    """The environment of every subprocess of the session: local data, one shared tokenizer cache."""
+    cache = tmp_path_factory.getbasetemp() / "llm_sweeper_cache"
+    cache.mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "ROTTEN_TOMATOES_DIR": str(rt_dir),
+        "LLM_SWEEPER_CACHE": str(cache),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),  # the checkout
+        "PYTHONUNBUFFERED": "1",
+    }

@@ -6,7 +6,6 @@ assertions read the store back through MlflowClient.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.total_steps=4", "eval.max_examples=16", "eval.before_training=false", "tracking.flush_every=2"]
 
 
-@pytest.fixture(scope="session")
-def sweeper_env(rt_dir, tmp_path_factory) -> dict[str, str]:
-    """The environment of every sweeper subprocess; one tokenizer cache for the whole session."""
-    cache = tmp_path_factory.getbasetemp() / "llm_sweeper_cache"
-    cache.mkdir(exist_ok=True)
-    return {
-        **os.environ,
-        "ROTTEN_TOMATOES_DIR": str(rt_dir),
-        "LLM_SWEEPER_CACHE": str(cache),
-        "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def run_sweeper(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -90,17 +90,6 @@ def test_unreachable_server_error_names_the_uri():
 # --- through the command -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def sweeper_env(rt_dir, tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.getbasetemp() / "llm_sweeper_cache"  # shared with sweeper_test
-    cache.mkdir(exist_ok=True)
-    return {
-        **os.environ,
-        "ROTTEN_TOMATOES_DIR": str(rt_dir),
-        "LLM_SWEEPER_CACHE": str(cache),
-        "PYTHONPATH": str(REPO),
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def run_sweeper(env, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
