@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from trainer import data as data_lib
 from trainer import sharding as sharding_lib
@@ -30,8 +31,6 @@ from trainer.train import (
     StepRecord, TrainOutcome, TrainState, create_state, make_train_step, max_loss_positions, total_steps_for,
     train_loop,
 )
-
-from flax import nnx
 
 
 @dataclass
