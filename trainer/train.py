@@ -139,6 +139,18 @@ class StepRecord:
     tokens_per_second: float
     tokens_seen: float
 
+    @classmethod
+    def from_metrics(cls, step: int, values: dict, seconds: float) -> "StepRecord":
+        """The record of one update from its host-side step metrics and the time it took."""
+        return cls(
+            step=step,
+            loss=float(values["loss"]),
+            learning_rate=float(values["learning_rate"]),
+            grad_norm=float(values["grad_norm"]),
+            tokens_per_second=float(values["tokens"]) / seconds,
+            tokens_seen=float(values["tokens_seen"]),
+        )
+
 
 @dataclass
 class TrainOutcome:
@@ -178,14 +190,7 @@ def train_loop(
         # Step 1's time is its compilation plus its run.
         elapsed = compile_seconds if record_step == 1 else max(now - last_time, 1e-9)
         last_time = now
-        record = StepRecord(
-            step=record_step,
-            loss=float(values["loss"]),
-            learning_rate=float(values["learning_rate"]),
-            grad_norm=float(values["grad_norm"]),
-            tokens_per_second=float(values["tokens"]) / elapsed,
-            tokens_seen=float(values["tokens_seen"]),
-        )
+        record = StepRecord.from_metrics(record_step, values, elapsed)
         history.append(record)
         if callback is not None:
             callback(record)

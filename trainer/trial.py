@@ -9,7 +9,6 @@ compiled steps) is memoised per process, so trial 2..N of an in-process sweep sk
 from __future__ import annotations
 
 import functools
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +42,10 @@ class TrialResult:
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path
 
 
-def _cache_dir(cfg: TrialConfig) -> str:
-    return os.path.expanduser(cfg.data.cache_dir)
-
-
 def get_tokenizer(cfg: TrialConfig, train_examples) -> Tokenizer:
     """Trained on the whole train split (cached on disk by content), so every ratio shares it."""
     texts = [data_lib.full_text(e) for e in train_examples]
-    return load_tokenizer(cfg.model, texts, _cache_dir(cfg))
+    return load_tokenizer(cfg.model, texts, cfg.data.cache_dir)
 
 
 @functools.lru_cache(maxsize=4)
@@ -93,7 +88,7 @@ def prepare_data(cfg: TrialConfig) -> TrialData:
     splits = data_lib.load_splits(cfg.data)
     train_examples = data_lib.sample_ratio(splits["train"], cfg.ratio, cfg.seed)
     tokenizer = get_tokenizer(cfg, splits["train"])
-    cache_dir = _cache_dir(cfg)
+    cache_dir = cfg.data.cache_dir  # expanded where it is used (tokenizer.expand_cache_dir)
     tokenized_train = data_lib.tokenize_examples(train_examples, tokenizer, cache_dir)
     rows = data_lib.pack(tokenized_train, cfg.data.seq_len, cfg.data.loss_on, tokenizer.eos_id, seed=cfg.seed)
     eval_sets = {

@@ -174,14 +174,7 @@ def vectorized_loop(
         for k in range(count):
             if status[k] != "running":
                 continue
-            record = StepRecord(
-                step=record_step,
-                loss=float(values["loss"][k]),
-                learning_rate=float(values["learning_rate"][k]),
-                grad_norm=float(values["grad_norm"][k]),
-                tokens_per_second=float(values["tokens"][k]) / elapsed,
-                tokens_seen=float(values["tokens_seen"][k]),
-            )
+            record = StepRecord.from_metrics(record_step, {name: v[k] for name, v in values.items()}, elapsed)
             histories[k].append(record)
             if callbacks[k] is not None:
                 callbacks[k](record)
