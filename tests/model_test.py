@@ -360,7 +360,9 @@ def test_unreachable_hub_says_to_pass_a_local_folder(monkeypatch):
         checkpoint.resolve_checkpoint("meta-llama/Llama-3.2-1B")
 
 
-def test_masked_attention_matches_jax_reference_with_grouped_heads():
+@pytest.mark.parametrize("length, block", [(12, 64), (12, 4), (16, 4)])
+def test_masked_attention_matches_jax_reference_with_grouped_heads(length, block):
+    """Whole, and in causal query blocks (12 = 3 blocks of 4; 16 = 4, packed segments across them)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -368,10 +370,24 @@ def test_masked_attention_matches_jax_reference_with_grouped_heads():
     from trainer.model import attention_mask, masked_attention
 
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((2, 12, 4, 8)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((2, 12, 2, 8)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((2, 12, 2, 8)), jnp.float32)
-    segments = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])
+    q = jnp.asarray(rng.standard_normal((2, length, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, length, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, length, 2, 8)), jnp.float32)
+    segments = jnp.asarray([[1] * 5 + [2] * (length - 8) + [0] * 3, [1] * length])
     mask = attention_mask(segments)
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    np.testing.assert_allclose(masked_attention(q, k, v, mask), expected, atol=1e-5)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    ours = masked_attention(heads_first(q), heads_first(k), heads_first(v), mask, block=block)
+    np.testing.assert_allclose(heads_first(ours), expected, atol=1e-5)
+    # The backward pass too: the stopped max and the late division must not change gradients.
+    probe = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
+
+    def reference_loss(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask) * probe)
+
+    def our_loss(q, k, v):
+        out = masked_attention(heads_first(q), heads_first(k), heads_first(v), mask, block=block)
+        return jnp.sum(heads_first(out) * probe)
+
+    for ours_grad, expected_grad in zip(jax.grad(our_loss, (0, 1, 2))(q, k, v), jax.grad(reference_loss, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(ours_grad, expected_grad, atol=1e-5)
