@@ -4,8 +4,9 @@
 
 The `tiny` preset at random init (speed does not depend on the weights) goes through
 trainer.evaluate.evaluate_split, as a trial calls it, with conf/eval/score.yaml and
-conf/eval/generate.yaml. The first pass compiles one program per padded width; the warm passes
-reuse them.
+conf/eval/generate.yaml. Generation uses a KV cache: one prefill over each batch's prompts, then
+one decode step per new token. The first pass compiles one program per padded width; the warm
+passes reuse them.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
         if mode == "score":
             work = f"{len(tokenized.candidate_answers)} candidates scored per review"
         else:
-            work = f"{eval_cfg.max_new_tokens} tokens generated per review (temperature {eval_cfg.temperature})"
+            work = f"{eval_cfg.max_new_tokens} tokens generated per review, KV-cached (temperature {eval_cfg.temperature})"
         rows.append([
             f"eval.mode={mode}", work, eval_cfg.batch_size, cold, median(warm), spread(warm),
             num_examples / cold, num_examples / median(warm), reports[-1].accuracy,

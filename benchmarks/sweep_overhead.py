@@ -1,9 +1,11 @@
 """What an N-trial sweep spends besides training: the sweeper end to end against N x one trial's training.
 
-    python -m benchmarks.sweep_overhead [--quick] [--trials 4] [--steps 40] [--fresh-cache]
+    python -m benchmarks.sweep_overhead [--quick] [--trials 4] [--steps 40 | --full] [--fresh-cache]
 
 Runs `python -m sweeper -m lr=a,b,... train.total_steps=S` (tiny model, default eval) in a
-subprocess with a temporary MLflow store, then reads each trial's logged seconds (data_seconds,
+subprocess with a temporary MLflow store, twice: first with an empty XLA compilation cache (a
+first sweep on a machine), then again with the cache the first run filled (a later sweep, a
+resumed one, a joblib worker). Each time it reads each trial's logged seconds (data_seconds,
 model_seconds, eval_before_seconds, compile_seconds, train_seconds, eval_seconds, wall_seconds)
 and run times back from the store. The reference is the same trial's train loop alone:
 run_trial in this process with evaluation off, twice, the second time with the step compiled.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,29 +44,43 @@ def learning_rates(trials: int) -> list[str]:
 
 def trial_overrides(args) -> list[str]:
     """Overrides every trial shares (and the reference run reuses)."""
-    overrides = ["model=tiny", f"train.total_steps={args.steps}"]
+    overrides = ["model=tiny"] + ([] if args.full else [f"train.total_steps={args.steps}"])
     if args.quick:
         overrides += ["train.batch_size=8", "eval.max_examples=16", "eval.splits=[test]"]
     return overrides
 
 
-def subprocess_env(args, cache_dir: Path | None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+def subprocess_env(cache_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "LLM_SWEEPER_CACHE": str(cache_dir)}
     cfg = data_config()
     if not env.get(cfg.env_var) and cfg.path:
         env[cfg.env_var] = cfg.path
-    if cache_dir is not None:
-        env["LLM_SWEEPER_CACHE"] = str(cache_dir)
     return env
 
 
-def run_sweep(args, folder: Path, env: dict[str, str]) -> tuple[float, str, list[str]]:
-    """(wall seconds, tracking uri, command) of the sweep subprocess; exits on a failed sweep."""
+def cache_without_programs(folder: Path, fresh: bool) -> Path:
+    """A cache folder for the sweeps: empty (fresh), or a copy of the usual one without its XLA programs."""
+    from trainer.tokenizer import expand_cache_dir
+
+    cache = folder / "cache"
+    usual = expand_cache_dir(data_config().cache_dir)
+    if not fresh and usual.is_dir():
+        shutil.copytree(usual, cache, ignore=lambda where, names: ["xla"] if Path(where) == usual else [])
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
+def run_sweep(args, folder: Path, env: dict[str, str], name: str) -> tuple[float, str, list[str]]:
+    """(wall seconds, tracking uri, command) of sweep `name`; exits on a failed sweep.
+
+    Every sweep logs into one store, folder/mlflow.db, each into an experiment of its own (so
+    the resume rule skips nothing): a later sweep opens the store a first one created.
+    """
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     command = [
         sys.executable, "-m", "sweeper", "-m", f"lr={','.join(learning_rates(args.trials))}",
-        *trial_overrides(args), f"tracking.uri={uri}", f"hydra.sweep.dir={folder / 'sweep'}",
-        "sweep_name=benchmark",
+        *trial_overrides(args), f"tracking.uri={uri}", f"tracking.experiment=benchmark-{name}",
+        f"hydra.sweep.dir={folder / name}", f"sweep_name={name}",
     ]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
@@ -75,14 +92,13 @@ def run_sweep(args, folder: Path, env: dict[str, str]) -> tuple[float, str, list
     return wall, uri, command
 
 
-def trial_runs(uri: str) -> list:
-    """The sweep's child runs (those with a parent), in trial order."""
+def trial_runs(uri: str, experiment: str) -> list:
+    """The child runs (those with a parent) of one experiment, in trial order."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    runs = []
-    for experiment in client.search_experiments():
-        runs += [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    found = client.get_experiment_by_name(experiment)
+    runs = [r for r in client.search_runs([found.experiment_id]) if "mlflow.parentRunId" in r.data.tags] if found else []
 
     def order(run):
         return int(run.data.tags.get("sweeper.trial", 0)), run.info.start_time
@@ -114,37 +130,9 @@ def reference_training(args, folder: Path, lr: str) -> dict[str, float]:
     }
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep_overhead", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 trials of 3 steps, 16 test reviews: a smoke run")
-    parser.add_argument("--trials", type=int, help="trials in the sweep (default 4; quick 2)")
-    parser.add_argument("--steps", type=int, help="train.total_steps of each trial (default 40; quick 3)")
-    parser.add_argument("--fresh-cache", action="store_true",
-                        help="an empty LLM_SWEEPER_CACHE: count tokenizer training and tokenization too")
-    args = parser.parse_args(argv)
-    args.trials = args.trials or (2 if args.quick else 4)
-    args.steps = args.steps or (3 if args.quick else 40)
-
-    with tempfile.TemporaryDirectory(prefix="sweep_overhead_") as tmp:
-        folder = Path(tmp)
-        cache_dir = folder / "cache" if args.fresh_cache else None
-        env = subprocess_env(args, cache_dir)
-        if cache_dir is not None:
-            os.environ["LLM_SWEEPER_CACHE"] = str(cache_dir)  # the reference run below too
-        if not os.environ.get("ROTTEN_TOMATOES_DIR") and SHARED_DATA.is_dir():
-            os.environ["ROTTEN_TOMATOES_DIR"] = str(SHARED_DATA)
-        wall, uri, command = run_sweep(args, folder, env)
-        runs = trial_runs(uri)
-        reference = reference_training(args, folder, learning_rates(args.trials)[0])
-
-    print_header(
-        f"sweep overhead: {args.trials} trials of {args.steps} steps (tiny model) through the sweeper",
-        [
-            f"command: {' '.join(Path(c).name if c == sys.executable else c for c in command)}",
-            f"cache: {'fresh (tokenizer trained, splits tokenized)' if args.fresh_cache else 'the usual one (warm)'}; "
-            f"{cpu_count()} cores",
-        ],
-    )
+def report(args, label: str, wall: float, runs: list, reference: dict[str, float]) -> float:
+    """Print one sweep's tables; returns wall / (N x pure training)."""
+    print(f"-- {label}")
     if len(runs) != args.trials:
         print(f"expected {args.trials} trial runs in the store, found {len(runs)}", file=sys.stderr)
         sys.exit(1)
@@ -194,7 +182,50 @@ def main(argv=None) -> None:
         ["reference", "seconds"],
     )
     print(f"sweep wall / (N x pure training) = {wall / pure:.2f}x; training is {100 * pure / wall:.1f}% "
-          f"of the sweep (reference loop {reference['tokens_per_second']:,.0f} tokens/s)")
+          f"of the sweep (reference loop {reference['tokens_per_second']:,.0f} tokens/s)\n")
+    return wall / pure
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep_overhead", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 trials of 3 steps, 16 test reviews: a smoke run")
+    parser.add_argument("--trials", type=int, help="trials in the sweep (default 4; quick 2)")
+    parser.add_argument("--steps", type=int, help="train.total_steps of each trial (default 40; quick 3)")
+    parser.add_argument("--full", action="store_true", help="trials as long as the preset's (train.epochs), not --steps")
+    parser.add_argument("--fresh-cache", action="store_true",
+                        help="an empty LLM_SWEEPER_CACHE: count tokenizer training and tokenization too")
+    args = parser.parse_args(argv)
+    args.trials = args.trials or (2 if args.quick else 4)
+    args.steps = args.steps or (3 if args.quick else 40)
+
+    with tempfile.TemporaryDirectory(prefix="sweep_overhead_") as tmp:
+        folder = Path(tmp)
+        cache_dir = cache_without_programs(folder, args.fresh_cache)
+        env = subprocess_env(cache_dir)
+        os.environ["LLM_SWEEPER_CACHE"] = str(cache_dir)  # the reference run below too
+        if not os.environ.get("ROTTEN_TOMATOES_DIR") and SHARED_DATA.is_dir():
+            os.environ["ROTTEN_TOMATOES_DIR"] = str(SHARED_DATA)
+        sweeps = []
+        for name in ("cold", "warm"):
+            wall, uri, command = run_sweep(args, folder, env, name)
+            sweeps.append((name, wall, trial_runs(uri, f"benchmark-{name}")))
+        reference = reference_training(args, folder, learning_rates(args.trials)[0])
+
+    length = "the preset's length (train.epochs)" if args.full else f"{args.steps} steps"
+    print_header(
+        f"sweep overhead: {args.trials} trials of {length} (tiny model) through the sweeper",
+        [
+            f"command: {' '.join(Path(c).name if c == sys.executable else c for c in command)}",
+            f"cache: {'fresh (tokenizer trained, splits tokenized)' if args.fresh_cache else 'a copy of the usual one'}; "
+            f"{cpu_count()} cores",
+        ],
+    )
+    labels = {
+        "cold": "first sweep: empty XLA compilation cache (every program compiled), new MLflow store",
+        "warm": "the same sweep again: programs from the compilation cache the first run filled, the store it created",
+    }
+    ratios = {name: report(args, labels[name], wall, runs, reference) for name, wall, runs in sweeps}
+    print(f"sweep wall / (N x pure training): cold compilation cache {ratios['cold']:.2f}x, warm {ratios['warm']:.2f}x")
 
 
 if __name__ == "__main__":

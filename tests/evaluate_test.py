@@ -67,6 +67,14 @@ def test_scores_equal_the_naive_sum_of_token_log_probabilities():
             assert scores[i, c] == pytest.approx(expected, abs=1e-4), (i, c)
 
 
+def _greedy_without_cache(model, prompt, max_new_tokens):
+    """The reference: a full forward pass over the growing sequence, argmax at its last position."""
+    seq = list(prompt)
+    for _ in range(max_new_tokens):
+        seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
+    return seq[len(prompt):]
+
+
 def test_greedy_generation_equals_step_by_step_argmax():
     graphdef, params = _model()
     model = nnx.merge(graphdef, params)
@@ -74,10 +82,41 @@ def test_greedy_generation_equals_step_by_step_argmax():
     prompts = [np.concatenate([[1], rng.integers(3, 64, n)]).astype(np.int32) for n in (4, 9, 6)]
     outputs = generate_answers(graphdef, params, prompts, max_new_tokens=3, temperature=0.0, batch_size=2, seed=0)
     for prompt, output in zip(prompts, outputs):
-        seq = list(prompt)
-        for _ in range(3):
-            seq.append(int(jnp.argmax(model(jnp.asarray([seq]))[0, -1])))
-        assert output == seq[len(prompt):]
+        assert output == _greedy_without_cache(model, prompt, 3)
+
+
+def test_decode_after_prefill_equals_a_full_forward_pass():
+    model = init_model(SHAPE, 0)
+    rng = np.random.default_rng(3)
+    lengths, new_tokens, width = [3, 9, 6], 5, 16
+    sequences = [rng.integers(1, 64, n + new_tokens).astype(np.int32) for n in lengths]
+    # Right-padded with other random tokens: their keys sit in the cache's later slots until
+    # decode overwrites them, and must never reach the logits.
+    buffer_BxL = rng.integers(1, 64, (len(lengths), width)).astype(np.int32)
+    for row, (seq, n) in enumerate(zip(sequences, lengths)):
+        buffer_BxL[row, :n] = seq[:n]
+    _, cache = model.prefill(jnp.asarray(buffer_BxL))
+    assert cache[0][0].shape == (len(lengths), SHAPE.num_kv_heads, width, SHAPE.head_dim)
+    for t in range(new_tokens):
+        position_B = np.asarray(lengths) + t
+        token_B = np.array([seq[p] for seq, p in zip(sequences, position_B)], np.int32)
+        hidden_BxD, cache = model.decode(jnp.asarray(token_B), jnp.asarray(position_B), cache)
+        logits_BxV = model.logits(hidden_BxD)
+        for row, (seq, p) in enumerate(zip(sequences, position_B)):
+            expected_V = model(jnp.asarray(seq[None, : p + 1]))[0, -1]
+            np.testing.assert_allclose(logits_BxV[row], expected_V, rtol=1e-5, atol=1e-5, err_msg=f"row {row} t {t}")
+
+
+def test_cached_generation_equals_greedy_without_cache_on_rows_of_different_lengths():
+    graphdef, params = _model()
+    model = nnx.merge(graphdef, params)
+    rng = np.random.default_rng(4)
+    # Sorted by length into batches of 4: [1, 3, 5, 10] in a 16-wide buffer that the longest row
+    # fills to its last slot, then [15, 21] with two empty rows in a 32-wide one.
+    prompts = [np.concatenate([[1], rng.integers(3, 64, n)]).astype(np.int32) for n in (0, 9, 4, 14, 2, 20)]
+    outputs = generate_answers(graphdef, params, prompts, max_new_tokens=6, temperature=0.0, batch_size=4, seed=0)
+    for prompt, output in zip(prompts, outputs):
+        assert output == _greedy_without_cache(model, prompt, 6)
 
 
 def test_sampling_is_seeded():

@@ -102,3 +102,27 @@ def test_cli_rejects_unknown_key_and_bad_ratio(tmp_path):
         capture_output=True, text=True, cwd=CONF.parent, timeout=120,
     )
     assert bad.returncode == 2 and "ratio=0.0 is outside (0, 1]" in bad.stderr
+
+
+def test_before_training_evaluation_is_shared_by_trials_of_the_same_base_model(tmp_path, monkeypatch):
+    import trainer.trial as trial_module
+
+    monkeypatch.setattr(trial_module, "_BEFORE_REPORTS", type(trial_module._BEFORE_REPORTS)())
+    calls = []
+    real = trial_module.evaluate_split
+    monkeypatch.setattr(trial_module, "evaluate_split", lambda *a, **k: calls.append(k["predictions_path"]) or real(*a, **k))
+    splits = "eval.splits=[test]"
+    a = run_trial(trial_config(tmp_path / "a", splits, "lr=1e-3"))
+    b = run_trial(trial_config(tmp_path / "b", splits, "lr=2e-4", "ratio=0.5", "warmup=2"))
+    c = run_trial(trial_config(tmp_path / "c", splits, "seed=1"))  # another random init
+    # a: before + after; b: after only (its before reports are a's); c: before + after.
+    assert [p.parent.name for p in calls] == ["a", "a", "b", "c", "c"]
+    assert b.reports["before/test"] == a.reports["before/test"]
+    assert b.metrics["before_test_accuracy"] == a.metrics["before_test_accuracy"]
+    copied = Path(b.artifacts["predictions_before_test"])
+    assert copied.parent == tmp_path / "b"
+    assert copied.read_text() == Path(a.artifacts["predictions_before_test"]).read_text()
+    # A fresh evaluation of b's base weights gives what it reused.
+    monkeypatch.setattr(trial_module, "_BEFORE_REPORTS", type(trial_module._BEFORE_REPORTS)())
+    fresh = run_trial(trial_config(tmp_path / "d", splits, "lr=2e-4", "ratio=0.5", "warmup=2"))
+    assert fresh.reports["before/test"] == b.reports["before/test"]

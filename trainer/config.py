@@ -72,6 +72,9 @@ class TrainConfig:
     epochs: float = 1.0
     log_every: int = 10
     mesh: List[int] = field(default_factory=lambda: [1, -1, 1])  # dp, fsdp, mp; -1 infers one
+    # Keep XLA's compiled programs in <data.cache_dir>/xla, so a later process (a repeated or
+    # resumed sweep, a joblib worker) loads them instead of compiling again.
+    compilation_cache: bool = True
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Test-set evaluation: label scoring or generation, then accuracy, per-class scores, confusion.
 
 `score` compares the log-likelihood of each label continuation (label tokens + EOS) after the
-prompt: deterministic. `generate` samples a short answer at `temperature` (0 is greedy) and
-parses it; an answer that is neither label is invalid and counts as wrong.
+prompt: deterministic. `generate` samples a short answer at `temperature` (0 is greedy), one
+prefill over the prompts then one KV-cached decode step per token, and parses it; an answer that
+is neither label is invalid and counts as wrong.
 """
 
 from __future__ import annotations
@@ -86,20 +87,30 @@ def _generate_fn(graphdef: nnx.GraphDef, max_new_tokens: int):
     @jax.jit
     def generate(params, buffer_BxL, lengths_B, temperature, key):
         model = nnx.merge(graphdef, params)
-        batch = jnp.arange(buffer_BxL.shape[0])
+        rows_B = jnp.arange(buffer_BxL.shape[0])
+
+        def write_next(buffer_BxL, hidden_BxD, position_B, key):
+            """Samples each row's token after position_B from its hidden state, into the buffer."""
+            logits_BxV = model.logits(hidden_BxD)  # the head runs only where a token is sampled
+            key, sub = jax.random.split(key)
+            sampled_B = jax.random.categorical(sub, logits_BxV / jnp.maximum(temperature, 1e-6))
+            token_B = jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BxV, axis=-1))
+            return buffer_BxL.at[rows_B, position_B + 1].set(token_B.astype(buffer_BxL.dtype)), key
+
+        # One pass over the prompts fills the KV cache. The slots after a row's prompt get the
+        # padding's keys, but decode writes each slot before attending to it and masks later ones.
+        hidden_BxLxD, cache = model.prefill(buffer_BxL)
+        buffer_BxL, key = write_next(buffer_BxL, hidden_BxLxD[rows_B, lengths_B - 1], lengths_B - 1, key)
 
         def one_token(t, carry):
-            buffer, key = carry
-            # Recomputes the prefix each token: answers here are a few tokens long.
-            # The head runs only at each row's last position.
-            logits = model.logits(model.hidden_states(buffer)[batch, lengths_B + t - 1])
-            key, sub = jax.random.split(key)
-            sampled = jax.random.categorical(sub, logits / jnp.maximum(temperature, 1e-6))
-            token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))
-            return buffer.at[batch, lengths_B + t].set(token.astype(buffer.dtype)), key
+            buffer_BxL, cache, key = carry
+            position_B = lengths_B + t - 1  # where the last generated token sits
+            hidden_BxD, cache = model.decode(buffer_BxL[rows_B, position_B], position_B, cache)
+            buffer_BxL, key = write_next(buffer_BxL, hidden_BxD, position_B, key)
+            return buffer_BxL, cache, key
 
-        buffer, _ = jax.lax.fori_loop(0, max_new_tokens, one_token, (buffer_BxL, key))
-        return buffer
+        buffer_BxL, _, _ = jax.lax.fori_loop(1, max_new_tokens, one_token, (buffer_BxL, cache, key))
+        return buffer_BxL
 
     return generate
 

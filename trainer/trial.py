@@ -8,7 +8,11 @@ compiled steps) is memoised per process, so trial 2..N of an in-process sweep sk
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +44,23 @@ class TrialResult:
     reports: dict[str, EvalReport] = field(default_factory=dict)  # "test", "before/test", ...
     history: list[StepRecord] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path
+
+
+def enable_compilation_cache(cfg: TrialConfig) -> None:
+    """Turn on JAX's persistent compilation cache in <data.cache_dir>/xla (cfg.train.compilation_cache).
+
+    Every program is kept, however quick to compile: a trial's first-use cost is dozens of small
+    ones (each random initialiser, each evaluation width), about 5 s on the tiny preset.
+    """
+    if not cfg.train.compilation_cache:
+        return
+    from trainer.tokenizer import expand_cache_dir
+
+    folder = expand_cache_dir(cfg.data.cache_dir) / "xla"
+    if jax.config.jax_compilation_cache_dir != str(folder):
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def get_tokenizer(cfg: TrialConfig, train_examples) -> Tokenizer:
@@ -127,6 +148,11 @@ def initial_state(
     return optimizer, graphdef, state
 
 
+# Before-training reports by what they depend on (see Evaluation.before_training); a few suffice.
+_BEFORE_REPORTS: "collections.OrderedDict[str, tuple[dict[str, EvalReport], dict[str, str]]]" = collections.OrderedDict()
+_BEFORE_REPORTS_KEPT = 8
+
+
 class Evaluation:
     """Evaluates a trial's params on cfg.eval.splits, collecting reports and predictions files."""
 
@@ -149,6 +175,37 @@ class Evaluation:
             )
             if path is not None:
                 self.artifacts[f"predictions_{name.replace('/', '_')}"] = str(path)
+        return time.perf_counter() - t0
+
+    def before_training(self, base_params) -> float:
+        """Evaluate the base weights under "before/", or reuse an earlier trial's identical reports.
+
+        They depend only on the base model (checkpoint, or shape + seed of a random init), the
+        tokenizer, the data and eval settings and the seed: trials of a sweep over lr, warmup,
+        ratio or optimizer settings share them, so only the first of them pays. The predictions
+        files are copied into this trial's output_dir.
+        """
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        key = json.dumps(
+            [dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.data), dataclasses.asdict(cfg.eval),
+             cfg.seed, self.data.tokenizer.fingerprint],
+            sort_keys=True, default=str,
+        )
+        if key in _BEFORE_REPORTS and all(Path(p).is_file() for p in _BEFORE_REPORTS[key][1].values()):
+            _BEFORE_REPORTS.move_to_end(key)
+            reports, artifacts = _BEFORE_REPORTS[key]
+            self.reports.update(reports)
+            for name, path in artifacts.items():
+                self.artifacts[name] = shutil.copy(path, Path(cfg.output_dir) / Path(path).name)
+            return time.perf_counter() - t0
+        self(base_params, "before/")
+        _BEFORE_REPORTS[key] = (
+            {name: r for name, r in self.reports.items() if name.startswith("before/")},
+            {name: path for name, path in self.artifacts.items() if name.startswith("predictions_before_")},
+        )
+        while len(_BEFORE_REPORTS) > _BEFORE_REPORTS_KEPT:
+            _BEFORE_REPORTS.popitem(last=False)
         return time.perf_counter() - t0
 
 
@@ -197,6 +254,7 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     wall_start = time.perf_counter()
     cfg = to_trial_config(cfg)
     validate(cfg)
+    enable_compilation_cache(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
     data = prepare_data(cfg)
@@ -217,7 +275,7 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     put_batch = functools.partial(sharding_lib.put_batch, mesh=mesh)
 
     evaluation = Evaluation(cfg, data, graphdef)
-    timings["eval_before_seconds"] = evaluation(state.params, "before/") if cfg.eval.before_training else 0.0
+    timings["eval_before_seconds"] = evaluation.before_training(state.params) if cfg.eval.before_training else 0.0
 
     batches = data_lib.batches(data.rows, cfg.train.batch_size, cfg.seed)
     outcome = train_loop(step_fn, state, batches, total_steps, put_batch=put_batch, callback=callback)

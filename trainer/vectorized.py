@@ -36,7 +36,8 @@ from trainer.config import ConfigError, TrialConfig, to_trial_config, validate
 from trainer.optim import Optimizer
 from trainer.train import Batch, StepRecord, TrainOutcome, TrainState, build_train_step, max_loss_positions
 from trainer.trial import (
-    Evaluation, TrialData, TrialResult, initial_state, load_model, prepare_data, trial_result, trial_total_steps,
+    Evaluation, TrialData, TrialResult, enable_compilation_cache, initial_state, load_model, prepare_data,
+    trial_result, trial_total_steps,
 )
 
 # Keys in which the trials of one group may differ; every other key must be equal.
@@ -242,6 +243,7 @@ def run_trials(
     for cfg in trial_cfgs:
         validate(cfg)
     check_compatible(trial_cfgs)
+    enable_compilation_cache(trial_cfgs[0])
     for cfg in trial_cfgs:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     first = trial_cfgs[0]
@@ -266,7 +268,7 @@ def run_trials(
         states.append(state)
         evaluations.append(Evaluation(cfg, data, graphdef))
         timing["eval_before_seconds"] = (
-            evaluations[-1](state.params, "before/") if cfg.eval.before_training else 0.0
+            evaluations[-1].before_training(state.params) if cfg.eval.before_training else 0.0
         )
 
     # One static bound for the group: the largest any trial's rows need (None: the full head).
