@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from trainer.data import LABEL_NAMES
-from trainer.model import gather_positions, token_losses
+from trainer.model import token_losses
 
 INVALID = -1
 # A trial whose predictions are at least this share one class is flagged as degenerate.
@@ -33,16 +33,29 @@ def _bucket(length: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sequence_logprob_fn(graphdef: nnx.GraphDef, continuation_positions: int):
+def _continuation_logprob_fn(graphdef: nnx.GraphDef):
     @jax.jit
-    def logprob(params, inputs_BxT, targets_BxT, mask_BxT):
+    def logprob(params, prompts_BxL, lengths_B, targets_CxM, mask_CxM):
+        """(B, C) summed log-probabilities of each candidate's M tokens (masked) after each prompt.
+
+        One prefill over the prompts; each candidate then continues from the same KV cache with
+        one decode step per token but its last, so a prompt is read once however many candidates.
+        """
         model = nnx.merge(graphdef, params)
-        hidden = model.hidden_states(inputs_BxT)
-        # The head runs only on the few continuation positions of each row.
-        _, (mask_BxK, targets_BxK, hidden_BxKxD) = gather_positions(
-            continuation_positions, mask_BxT, targets_BxT, hidden
-        )
-        return -jnp.sum(token_losses(model.logits(hidden_BxKxD), targets_BxK) * mask_BxK, axis=-1)
+        rows_B = jnp.arange(prompts_BxL.shape[0])
+        hidden_BxLxD, prompt_cache = model.prefill(prompts_BxL)
+        first_BxD = hidden_BxLxD[rows_B, lengths_B - 1]  # predicts every candidate's first token
+        scores = []
+        for targets_M, mask_M in zip(targets_CxM, mask_CxM):
+            hidden_BxD, cache, total_B = first_BxD, prompt_cache, jnp.zeros(lengths_B.shape, jnp.float32)
+            for j in range(targets_M.shape[0]):
+                target_B = jnp.broadcast_to(targets_M[j], lengths_B.shape)
+                total_B = total_B - mask_M[j] * token_losses(model.logits(hidden_BxD), target_B)
+                if j + 1 < targets_M.shape[0]:
+                    # Decode writes each slot before attending to it; later slots are masked.
+                    hidden_BxD, cache = model.decode(target_B, lengths_B + j, cache)
+            scores.append(total_B)
+        return jnp.stack(scores, axis=1)
 
     return logprob
 
@@ -57,28 +70,26 @@ def score_candidates(
 ) -> np.ndarray:
     """Log-likelihood (N, C) of each candidate continuation + EOS after each prompt."""
     longest = max(len(c) for c in candidates) + 1  # + EOS
-    fn = _sequence_logprob_fn(graphdef, 1 << (longest - 1).bit_length())
-    sequences = []  # (example, candidate, full token list, number of prompt tokens)
-    for i, prompt in enumerate(prompts):
-        for c, cand in enumerate(candidates):
-            sequences.append((i, c, np.concatenate([prompt, cand, [eos_id]]).astype(np.int32), len(prompt)))
+    targets = np.zeros((len(candidates), longest), np.int32)
+    mask = np.zeros((len(candidates), longest), np.float32)
+    for c, cand in enumerate(candidates):
+        targets[c, : len(cand) + 1] = [*cand, eos_id]
+        mask[c, : len(cand) + 1] = 1.0
+    fn = _continuation_logprob_fn(graphdef)
     # Sort by length so each padded batch wastes little; buckets bound the compiled shapes.
-    order = sorted(range(len(sequences)), key=lambda k: len(sequences[k][2]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     scores = np.zeros((len(prompts), len(candidates)), dtype=np.float64)
     for start in range(0, len(order), batch_size):
-        chunk = [sequences[k] for k in order[start : start + batch_size]]
-        width = _bucket(max(len(s[2]) for s in chunk) - 1)
-        inputs = np.zeros((batch_size, width), np.int32)
-        targets = np.zeros((batch_size, width), np.int32)
-        mask = np.zeros((batch_size, width), np.float32)
-        for row, (_, _, seq, prompt_len) in enumerate(chunk):
-            n = len(seq) - 1
-            inputs[row, :n] = seq[:-1]
-            targets[row, :n] = seq[1:]
-            mask[row, prompt_len - 1 : n] = 1.0  # only the continuation's tokens
-        logprobs = np.asarray(fn(params, inputs, targets, mask))
-        for row, (i, c, _, _) in enumerate(chunk):
-            scores[i, c] = logprobs[row]
+        idx = order[start : start + batch_size]
+        # Room in the cache for every candidate's tokens after the longest prompt.
+        width = _bucket(max(len(prompts[i]) for i in idx) + longest - 1)
+        buffer = np.zeros((batch_size, width), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for row, i in enumerate(idx):
+            buffer[row, : len(prompts[i])] = prompts[i]
+            lengths[row] = len(prompts[i])
+        logprobs = np.asarray(fn(params, buffer, lengths, targets, mask))
+        scores[idx] = logprobs[: len(idx)]
     return scores
 
 
