@@ -3,8 +3,9 @@
     python -m benchmarks.throughput [--quick] [--steps 10] [--repeats 5] [--setups easylm_debug tiny]
 
 Our jitted `train_step` and a `transformers.LlamaForCausalLM` + `torch.optim.AdamW` loop (float32,
-eager, no torch.compile) take turns, ours then theirs, for several repeats of N steps after a
-warmup, on the same random token batches generated once. Both compute the loss on every token
+eager, no torch.compile), each in a worker process of its own (benchmarks/throughput_worker.py),
+take turns, ours then theirs, for several repeats of N steps after a warmup, on the same random
+token batches (generated from one seed in each worker). Both compute the loss on every token
 (full logits) and clip the gradient norm at optim.clip_grad_norm, as our step does. Reports the
 median tokens/s of each, their ratio (and that of the best repeats, less hurt by a busy machine),
 and model FLOP utilisation against the float32 matmul peak measured in the same run.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.common import (
-    cpu_count, data_config, matmul_peak, median, model_preset, optim_preset, os_threads, print_header,
+    cpu_count, data_config, matmul_peak, median, model_preset, optim_preset, print_header,
     print_table, seconds, spread, train_preset,
 )
 from trainer.config import OptimConfig
@@ -167,24 +168,65 @@ class Theirs:
         return float(loss.detach())
 
 
-def benchmark(setup: Setup, args, peak: float) -> None:
-    optim_cfg = optim_preset()
-    batches = token_batches(setup, count=4)
-    ours = Ours(setup, batches, optim_cfg, args.lr)
-    theirs = Theirs(setup, batches, optim_cfg, args.lr)
-    if theirs.num_params != setup.shape.num_params():
-        raise AssertionError(f"torch model has {theirs.num_params} params, ours {setup.shape.num_params()}")
+class Worker:
+    """One side in its own process (benchmarks/throughput_worker.py), asked to run N steps at a time."""
 
-    first = {ours.label: seconds(lambda: ours.run(1)), theirs.label: seconds(lambda: theirs.run(1))}
-    first_loss = {ours.label: ours.run(args.warmup), theirs.label: theirs.run(args.warmup)}
-    times: dict[str, list[float]] = {ours.label: [], theirs.label: []}
-    for _ in range(args.repeats):  # alternated, so drifting load on a shared machine hits both alike
-        for side in (ours, theirs):
-            times[side.label].append(seconds(lambda run=side.run: run(args.steps)))
+    def __init__(self, side: str, label: str, setup: Setup, args) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        self.label = label
+        self.log = tempfile.TemporaryFile(mode="w+")
+        command = [sys.executable, "-m", "benchmarks.throughput_worker", side, setup.name,
+                   f"--lr={args.lr}", f"--warmup={args.warmup}"]
+        command += ["--quick"] if args.quick else []
+        command += [f"--torch-threads={args.torch_threads}"] if args.torch_threads else []
+        command += ["--tune-malloc"] if side == "theirs" and args.torch_tuned_malloc else []
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.ready = self._reply()  # first step, warmup, what the side reports of itself
+
+    def _reply(self) -> dict:
+        import json
+
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.log.seek(0)
+            raise RuntimeError(f"the {self.label} worker exited {self.process.returncode}:\n{self.log.read()[-3000:]}")
+        return json.loads(line)
+
+    def run(self, steps: int) -> float:
+        """Seconds of `steps` updates, as the worker timed them."""
+        self.process.stdin.write(f"{steps}\n")
+        self.process.stdin.flush()
+        return self._reply()["seconds"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            self.process.wait(timeout=60)
+        self.log.close()
+
+
+def benchmark(setup: Setup, args, peak: float) -> None:
+    ours = Worker("ours", Ours.label, setup, args)
+    theirs = Worker("theirs", Theirs.label, setup, args)
+    try:
+        if theirs.ready["num_params"] != setup.shape.num_params():
+            raise AssertionError(f"torch model has {theirs.ready['num_params']} params, ours {setup.shape.num_params()}")
+        times: dict[str, list[float]] = {ours.label: [], theirs.label: []}
+        for _ in range(args.repeats):  # alternated, so drifting load on a shared machine hits both alike
+            for side in (ours, theirs):
+                times[side.label].append(side.run(args.steps))
+    finally:
+        ours.close()
+        theirs.close()
 
     tokens_per_step = setup.batch_size * setup.seq_len
     per_token = flops_per_token(setup.shape, setup.seq_len)
-    xla_flops = ours.xla_flops_per_step()
+    xla_flops = ours.ready["xla_flops"]
     rows, medians, bests = [], {}, {}
     for side in (ours, theirs):
         rates = [args.steps * tokens_per_step / t for t in times[side.label]]
@@ -192,9 +234,12 @@ def benchmark(setup: Setup, args, peak: float) -> None:
         achieved = per_token * medians[side.label]
         rows.append([
             side.label, medians[side.label], spread(rates), 1e3 * tokens_per_step / medians[side.label],
-            achieved / 1e9, f"{100 * achieved / peak:.1f}%", first[side.label], first_loss[side.label],
+            achieved / 1e9, f"{100 * achieved / peak:.1f}%", side.ready["first"], side.ready["loss"],
         ])
     s = setup.shape
+    def malloc(worker: Worker) -> str:
+        return "one arena, 256 MiB top pad (trainer/hostmem.py)" if worker.ready["malloc_tuned"] else "glibc defaults"
+
     print_table(
         rows,
         ["side", "tokens/s (median)", "tokens/s (min-max)", "ms/step", "model GFLOP/s", "MFU",
@@ -204,8 +249,9 @@ def benchmark(setup: Setup, args, peak: float) -> None:
             f"   hidden {s.hidden_size}, ffn {s.intermediate_size}, {s.num_layers} layers, {s.num_heads} heads "
             f"({s.num_kv_heads} kv), vocab {s.vocab_size}, seq {setup.seq_len}, batch {setup.batch_size}, "
             f"{s.num_params():,} params ({matmul_params(s):,} in matmuls), float32, AdamW\n"
-            f"   {args.repeats} repeats x {args.steps} steps after {args.warmup} warmup steps; "
-            f"torch attention: {theirs.attention}\n"
+            f"   {args.repeats} repeats x {args.steps} steps after {args.warmup} warmup steps, each side in its own "
+            f"process; torch: {theirs.ready['threads']} threads, attention {theirs.ready['attention']}, malloc "
+            f"{malloc(theirs)}; ours: malloc {malloc(ours)}\n"
             f"   FLOPs/token = 6*{matmul_params(s):,} + 12*{s.num_layers}*{setup.seq_len}*"
             f"{s.num_heads * s.head_dim} = {per_token / 1e6:.3f} MFLOP "
             f"({per_token * tokens_per_step / 1e9:.2f} GFLOP/step; XLA counts {xla_flops / 1e9:.2f} GFLOP "
@@ -225,6 +271,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, help="untimed steps after the first (default 3; quick 1)")
     parser.add_argument("--matmul-size", type=int, help="side of the peak matmul (default 4096; quick 256)")
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: the usable cores)")
+    parser.add_argument("--torch-tuned-malloc", action="store_true",
+                        help="give the PyTorch process our malloc settings too (trainer/hostmem.py)")
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     defaults = dict(steps=2, repeats=2, warmup=1, matmul_size=256) if args.quick else dict(
@@ -244,8 +292,8 @@ def main(argv=None) -> None:
         "train-step throughput: ours (jax) against the PyTorch peer",
         [
             f"torch {torch.__version__}, transformers {transformers.__version__}: "
-            f"{torch.get_num_threads()} intra-op threads, {torch.get_num_interop_threads()} inter-op threads; "
-            f"this process runs {os_threads()} OS threads (XLA sizes its own pool)",
+            f"{torch.get_num_threads()} intra-op threads, {torch.get_num_interop_threads()} inter-op threads "
+            f"(XLA sizes its own pool); the matmul peak is measured in this process, the steps in one per side",
             f"float32 matmul peak ({args.matmul_size}x{args.matmul_size}, best of 3): "
             f"jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch {peaks['torch'] / 1e9:.1f} GFLOP/s; "
             f"MFU uses the larger, {peak / 1e9:.1f} GFLOP/s",

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from trainer.hostmem import tune_malloc
 
-from trainer.config import register_configs
-from trainer.report import format_summary, print_step
+tune_malloc()  # before JAX starts its threads
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from trainer.config import register_configs  # noqa: E402
+from trainer.report import format_summary, print_step  # noqa: E402
 
 register_configs()
 
