@@ -13,18 +13,26 @@ run_trial in this process with evaluation off, twice, the second time with the s
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
+if __name__ == "__main__" and "--reference-worker" in sys.argv:
+    # The reference runs in a process set up as `python -m sweeper` sets up its own.
+    from trainer.hostmem import tune_malloc
 
-from benchmarks.common import REPO, SHARED_DATA, cpu_count, data_config, print_header, print_table
+    tune_malloc()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import REPO, SHARED_DATA, cpu_count, data_config, print_header, print_table  # noqa: E402
 
 # Trial metrics that time a phase of run_trial (trainer/trial.py), in the order they happen.
 PHASES = (
@@ -106,6 +114,17 @@ def trial_runs(uri: str, experiment: str) -> list:
     return sorted(runs, key=order)
 
 
+def reference_in_subprocess(args, folder: Path, env: dict[str, str]) -> dict[str, float]:
+    """reference_training in a fresh process with the sweeper's malloc settings and the same cache."""
+    command = [sys.executable, "-m", "benchmarks.sweep_overhead", "--reference-worker", f"--steps={args.steps}",
+               f"--trials={args.trials}", *(["--full"] if args.full else []), *(["--quick"] if args.quick else [])]
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"the reference run exited {result.returncode}:\n{result.stderr[-3000:]}", file=sys.stderr)
+        sys.exit(1)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def reference_training(args, folder: Path, lr: str) -> dict[str, float]:
     """The first trial's train loop alone: run_trial without evaluation, compiled, then timed."""
     from hydra import compose, initialize_config_dir
@@ -131,14 +150,14 @@ def reference_training(args, folder: Path, lr: str) -> dict[str, float]:
 
 
 def report(args, label: str, wall: float, runs: list, reference: dict[str, float]) -> float:
-    """Print one sweep's tables; returns wall / (N x pure training)."""
+    """Print one sweep's tables; returns wall / (N x pure training) and wall / the sweep's own steps."""
     print(f"-- {label}")
     if len(runs) != args.trials:
         print(f"expected {args.trials} trial runs in the store, found {len(runs)}", file=sys.stderr)
         sys.exit(1)
 
     rows, totals = [], {metric: 0.0 for _, metric in PHASES}
-    run_seconds_total = tracking_total = other_total = 0.0
+    run_seconds_total = tracking_total = other_total = steps_total = 0.0
     for number, run in enumerate(runs, start=1):
         metrics = run.data.metrics
         run_seconds = (run.info.end_time - run.info.start_time) / 1000.0
@@ -149,6 +168,9 @@ def report(args, label: str, wall: float, runs: list, reference: dict[str, float
         for (_, metric), value in zip(PHASES, phases):
             totals[metric] += value
         run_seconds_total += run_seconds
+        steps = metrics.get("steps", 0.0)
+        # Steps 2..S at their measured pace, and step 1 at the same pace (its time is compile + run).
+        steps_total += metrics.get("train_seconds", 0.0) * steps / max(steps - 1.0, 1.0)
         tracking_total += tracking
         other_total += other
         rows.append([number, run.data.params.get("lr", "?"), run_seconds, trial_wall, *phases, tracking, other])
@@ -182,8 +204,10 @@ def report(args, label: str, wall: float, runs: list, reference: dict[str, float
         ["reference", "seconds"],
     )
     print(f"sweep wall / (N x pure training) = {wall / pure:.2f}x; training is {100 * pure / wall:.1f}% "
-          f"of the sweep (reference loop {reference['tokens_per_second']:,.0f} tokens/s)\n")
-    return wall / pure
+          f"of the sweep (reference loop {reference['tokens_per_second']:,.0f} tokens/s)")
+    print(f"sweep wall / its own training steps ({steps_total:.1f} s, every step at its trial's pace) = "
+          f"{wall / steps_total:.2f}x\n")
+    return wall / pure, wall / steps_total
 
 
 def main(argv=None) -> None:
@@ -194,22 +218,24 @@ def main(argv=None) -> None:
     parser.add_argument("--full", action="store_true", help="trials as long as the preset's (train.epochs), not --steps")
     parser.add_argument("--fresh-cache", action="store_true",
                         help="an empty LLM_SWEEPER_CACHE: count tokenizer training and tokenization too")
+    parser.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.trials = args.trials or (2 if args.quick else 4)
     args.steps = args.steps or (3 if args.quick else 40)
+    if args.reference_worker:  # run by reference_in_subprocess, in its temporary folder
+        print(json.dumps(reference_training(args, Path.cwd(), learning_rates(args.trials)[0])))
+        return
 
     with tempfile.TemporaryDirectory(prefix="sweep_overhead_") as tmp:
         folder = Path(tmp)
         cache_dir = cache_without_programs(folder, args.fresh_cache)
         env = subprocess_env(cache_dir)
-        os.environ["LLM_SWEEPER_CACHE"] = str(cache_dir)  # the reference run below too
-        if not os.environ.get("ROTTEN_TOMATOES_DIR") and SHARED_DATA.is_dir():
-            os.environ["ROTTEN_TOMATOES_DIR"] = str(SHARED_DATA)
         sweeps = []
         for name in ("cold", "warm"):
             wall, uri, command = run_sweep(args, folder, env, name)
             sweeps.append((name, wall, trial_runs(uri, f"benchmark-{name}")))
-        reference = reference_training(args, folder, learning_rates(args.trials)[0])
+            if name == "cold":  # between the sweeps, so a drift in the machine's speed shows
+                reference = reference_in_subprocess(args, folder, env)
 
     length = "the preset's length (train.epochs)" if args.full else f"{args.steps} steps"
     print_header(
@@ -225,7 +251,9 @@ def main(argv=None) -> None:
         "warm": "the same sweep again: programs from the compilation cache the first run filled, the store it created",
     }
     ratios = {name: report(args, labels[name], wall, runs, reference) for name, wall, runs in sweeps}
-    print(f"sweep wall / (N x pure training): cold compilation cache {ratios['cold']:.2f}x, warm {ratios['warm']:.2f}x")
+    print(f"sweep wall / (N x pure training): cold compilation cache {ratios['cold'][0]:.2f}x, "
+          f"warm {ratios['warm'][0]:.2f}x; sweep wall / its own training steps: cold {ratios['cold'][1]:.2f}x, "
+          f"warm {ratios['warm'][1]:.2f}x")
 
 
 if __name__ == "__main__":
