@@ -7,8 +7,9 @@ train.total_steps fixed, evaluated after training on the first --eval-examples t
 (no before-training evaluation). Sequential is what Hydra's basic launcher does in one process:
 run_trial per trial, the step compiled by the first and reused by the rest. Vectorised is one
 run_trials call: one compilation for the group. Both sides start with their step caches
-cleared, so each pays its own compilation, as a fresh sweep would; data, tokenizer and the
-evaluation programs are warmed beforehand, once for both. trials/hour counts the whole trial
+cleared and the persistent compilation cache off, so each pays its own compilation, as a
+first sweep would; data, tokenizer and the evaluation programs are warmed beforehand, once for
+both. trials/hour counts the whole trial
 (data, model, compilation, training, evaluation); the training columns count compilation and
 steps only. A last column checks that both sides trained the same trials.
 """
@@ -33,6 +34,7 @@ def trial_configs(k: int, args, folder: Path) -> list:
 
     train = train_preset("cpu")
     train.total_steps = args.steps
+    train.compilation_cache = False  # each side compiles its own step, as in a first sweep
     if args.quick:
         train.batch_size = 8
     evaluation = eval_preset("score")
