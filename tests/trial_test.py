@@ -122,6 +122,10 @@ def test_before_training_evaluation_is_shared_by_trials_of_the_same_base_model(t
     copied = Path(b.artifacts["predictions_before_test"])
     assert copied.parent == tmp_path / "b"
     assert copied.read_text() == Path(a.artifacts["predictions_before_test"]).read_text()
+    # A trial into the folder the reports came from keeps the file it finds there.
+    again = run_trial(trial_config(tmp_path / "a", splits, "lr=3e-4"))
+    assert again.artifacts["predictions_before_test"] == a.artifacts["predictions_before_test"]
+    assert Path(again.artifacts["predictions_before_test"]).read_text() == copied.read_text()
     # A fresh evaluation of b's base weights gives what it reused.
     monkeypatch.setattr(trial_module, "_BEFORE_REPORTS", type(trial_module._BEFORE_REPORTS)())
     fresh = run_trial(trial_config(tmp_path / "d", splits, "lr=2e-4", "ratio=0.5", "warmup=2"))

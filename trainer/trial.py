@@ -197,7 +197,10 @@ class Evaluation:
             reports, artifacts = _BEFORE_REPORTS[key]
             self.reports.update(reports)
             for name, path in artifacts.items():
-                self.artifacts[name] = shutil.copy(path, Path(cfg.output_dir) / Path(path).name)
+                target = Path(cfg.output_dir) / Path(path).name
+                if target.resolve() != Path(path).resolve():  # a re-run into the same folder has it
+                    shutil.copy(path, target)
+                self.artifacts[name] = str(target)
             return time.perf_counter() - t0
         self(base_params, "before/")
         _BEFORE_REPORTS[key] = (
