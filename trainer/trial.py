@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import shutil
 import time
@@ -181,15 +182,21 @@ class Evaluation:
         """Evaluate the base weights under "before/", or reuse an earlier trial's identical reports.
 
         They depend only on the base model (checkpoint, or shape + seed of a random init), the
-        tokenizer, the data and eval settings and the seed: trials of a sweep over lr, warmup,
+        tokenizer, the data and eval settings, the evaluated examples and the seed: trials of a sweep over lr, warmup,
         ratio or optimizer settings share them, so only the first of them pays. The predictions
         files are copied into this trial's output_dir.
         """
         t0 = time.perf_counter()
         cfg = self.cfg
+        evaluated = hashlib.sha256()  # what is evaluated, wherever the data came from
+        for split, tokenized in sorted(self.data.eval_sets.items()):
+            evaluated.update(split.encode())
+            evaluated.update(np.asarray(tokenized.labels).tobytes())
+            for ids in tokenized.prompts:
+                evaluated.update(np.asarray(ids).tobytes())
         key = json.dumps(
             [dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.data), dataclasses.asdict(cfg.eval),
-             cfg.seed, self.data.tokenizer.fingerprint],
+             cfg.seed, self.data.tokenizer.fingerprint, evaluated.hexdigest()],
             sort_keys=True, default=str,
         )
         if key in _BEFORE_REPORTS and all(Path(p).is_file() for p in _BEFORE_REPORTS[key][1].values()):
