@@ -6,6 +6,7 @@ trial's outcome and this entry point exits 1 when any trial failed, 0 otherwise.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from trainer.hostmem import tune_malloc
@@ -20,4 +21,8 @@ if __name__ == "__main__":
         main()
     finally:
         close_open_sweep()  # only when Hydra stopped before the sweep's end
+    # Everything is recorded and closed by now. Freezing the heap spares the interpreter's last
+    # garbage collection a walk over JAX's, MLflow's and Hydra's objects: ~1 s at exit. atexit
+    # handlers (log flushing among them) still run.
+    gc.freeze()
     sys.exit(exit_status())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from trainer.hostmem import tune_malloc
@@ -36,4 +37,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        gc.freeze()  # spares the interpreter's last collection a walk over every object (~1 s)
