@@ -76,17 +76,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def os_threads() -> int:
-    """Threads of this process now (XLA and torch size their pools themselves)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
 def busy_share(interval: float = 0.5) -> float:
     """Share of all cores that other processes kept busy over `interval` seconds (this one sleeps)."""
     def sample() -> tuple[int, int]:

@@ -21,18 +21,18 @@ if __name__ == "__main__" and "--reference-worker" in sys.argv:
 
     tune_malloc()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
+import argparse
+import json
 import os
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.common import REPO, SHARED_DATA, cpu_count, data_config, print_header, print_table  # noqa: E402
+from benchmarks.common import REPO, cpu_count, data_config, print_header, print_table
 
 # Trial metrics that time a phase of run_trial (trainer/trial.py), in the order they happen.
 PHASES = (

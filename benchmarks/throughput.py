@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from benchmarks.common import (
-    cpu_count, data_config, matmul_peak, median, model_preset, optim_preset, print_header,
-    print_table, seconds, spread, train_preset,
+    cpu_count, data_config, matmul_peak, median, model_preset, print_header, print_table, spread, train_preset,
 )
 from trainer.config import OptimConfig
 from trainer.model import LlamaShape

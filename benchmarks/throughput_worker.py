@@ -19,9 +19,9 @@ if __name__ == "__main__" and (sys.argv[1:2] == ["ours"] or "--tune-malloc" in s
 else:
     MALLOC_TUNED = False
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
+import argparse
+import json
+import os
 
 
 def main(argv=None) -> None:

@@ -13,8 +13,8 @@ from trainer.hostmem import tune_malloc
 
 tune_malloc()  # before JAX, MLflow or tqdm start a thread
 
-from sweeper.app import main  # noqa: E402
-from sweeper.callbacks import close_open_sweep, exit_status  # noqa: E402
+from sweeper.app import main
+from sweeper.callbacks import close_open_sweep, exit_status
 
 if __name__ == "__main__":
     try:

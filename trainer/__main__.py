@@ -9,11 +9,11 @@ from trainer.hostmem import tune_malloc
 
 tune_malloc()  # before JAX starts its threads
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from trainer.config import register_configs  # noqa: E402
-from trainer.report import format_summary, print_step  # noqa: E402
+from trainer.config import register_configs
+from trainer.report import format_summary, print_step
 
 register_configs()
 
