@@ -44,16 +44,18 @@ def _continuation_logprob_fn(graphdef: nnx.GraphDef):
         model = nnx.merge(graphdef, params)
         rows_B = jnp.arange(prompts_BxL.shape[0])
         hidden_BxLxD, prompt_cache = model.prefill(prompts_BxL)
-        first_BxD = hidden_BxLxD[rows_B, lengths_B - 1]  # predicts every candidate's first token
+        # The prompt's last position predicts every candidate's first token: one head for all.
+        first_BxV = model.logits(hidden_BxLxD[rows_B, lengths_B - 1])
         scores = []
         for targets_M, mask_M in zip(targets_CxM, mask_CxM):
-            hidden_BxD, cache, total_B = first_BxD, prompt_cache, jnp.zeros(lengths_B.shape, jnp.float32)
+            logits_BxV, cache, total_B = first_BxV, prompt_cache, jnp.zeros(lengths_B.shape, jnp.float32)
             for j in range(targets_M.shape[0]):
                 target_B = jnp.broadcast_to(targets_M[j], lengths_B.shape)
-                total_B = total_B - mask_M[j] * token_losses(model.logits(hidden_BxD), target_B)
+                total_B = total_B - mask_M[j] * token_losses(logits_BxV, target_B)
                 if j + 1 < targets_M.shape[0]:
                     # Decode writes each slot before attending to it; later slots are masked.
                     hidden_BxD, cache = model.decode(target_B, lengths_B + j, cache)
+                    logits_BxV = model.logits(hidden_BxD)
             scores.append(total_B)
         return jnp.stack(scores, axis=1)
 

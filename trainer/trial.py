@@ -178,27 +178,33 @@ class Evaluation:
                 self.artifacts[f"predictions_{name.replace('/', '_')}"] = str(path)
         return time.perf_counter() - t0
 
-    def before_training(self, base_params) -> float:
-        """Evaluate the base weights under "before/", or reuse an earlier trial's identical reports.
-
-        They depend only on the base model (checkpoint, or shape + seed of a random init), the
-        tokenizer, the data and eval settings, the evaluated examples and the seed: trials of a sweep over lr, warmup,
-        ratio or optimizer settings share them, so only the first of them pays. The predictions
-        files are copied into this trial's output_dir.
-        """
-        t0 = time.perf_counter()
+    def _before_key(self) -> str:
+        """What the base weights' reports depend on: the base model (checkpoint, or shape + seed of
+        a random init), the tokenizer, the data and eval settings, the seed, and the evaluated
+        examples themselves (wherever the data came from)."""
         cfg = self.cfg
-        evaluated = hashlib.sha256()  # what is evaluated, wherever the data came from
+        evaluated = hashlib.sha256()
         for split, tokenized in sorted(self.data.eval_sets.items()):
             evaluated.update(split.encode())
             evaluated.update(np.asarray(tokenized.labels).tobytes())
             for ids in tokenized.prompts:
                 evaluated.update(np.asarray(ids).tobytes())
-        key = json.dumps(
+        return json.dumps(
             [dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.data), dataclasses.asdict(cfg.eval),
              cfg.seed, self.data.tokenizer.fingerprint, evaluated.hexdigest()],
             sort_keys=True, default=str,
         )
+
+    def before_training(self, base_params) -> float:
+        """Evaluate the base weights under "before/", or reuse an earlier trial's identical reports.
+
+        Trials of a sweep over lr, warmup, ratio or optimizer settings share them (see
+        `_before_key`), so only the first of them pays. The predictions files are copied into
+        this trial's output_dir.
+        """
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        key = self._before_key()
         if key in _BEFORE_REPORTS and all(Path(p).is_file() for p in _BEFORE_REPORTS[key][1].values()):
             _BEFORE_REPORTS.move_to_end(key)
             reports, artifacts = _BEFORE_REPORTS[key]
