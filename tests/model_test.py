@@ -135,12 +135,13 @@ def test_load_into_existing_model_matches_transformers(reference):
     np.testing.assert_allclose(logits, reference["logits"], rtol=0, atol=1e-4)
 
 
-def test_tied_embeddings_copy_the_embedding_into_the_head(tmp_path):
+def test_tied_embeddings_use_the_embedding_as_the_head(tmp_path):
     hf = random_hf_model(seed=1, tie_word_embeddings=True)
     hf.save_pretrained(tmp_path)
     tokens = np.random.default_rng(1).integers(0, 256, size=(BATCH, LENGTH))
     model = load_llama(tmp_path)
-    np.testing.assert_array_equal(np.asarray(model.head_DxV[...]), np.asarray(model.embed_VxD[...]).T)
+    assert model.shape.tied_embeddings and not hasattr(model, "head_DxV")  # one matrix, trained as one
+    np.testing.assert_array_equal(np.asarray(model.head_weight()), np.asarray(model.embed_VxD[...]).T)
     logits = np.asarray(forward(model, jnp.asarray(tokens)))
     np.testing.assert_allclose(logits, hf_logits(hf, tokens), rtol=0, atol=1e-4)
 
@@ -245,6 +246,7 @@ def test_config_json_maps_to_model_config_fields(tmp_path):
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": 4096,
+        "tied_embeddings": False,
     }
     ModelConfig(**model_config_from_hf(folder))  # every key is a ModelConfig field
 

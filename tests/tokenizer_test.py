@@ -8,7 +8,7 @@ import sentencepiece as spm
 from trainer import tokenizer as tokenizer_module
 from trainer.config import ConfigError, ModelConfig
 from trainer.data import full_text
-from trainer.tokenizer import Tokenizer, expand_cache_dir, load_tokenizer
+from trainer.tokenizer import SentencePieceTokenizer, expand_cache_dir, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -103,18 +103,20 @@ def test_vocab_size_mismatch_names_both_and_the_fix(tiny_tokenizer):
 
 
 def test_missing_tokenizer_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="no sentencepiece model"):
+    with pytest.raises(ConfigError, match="no tokenizer at .*nope.model; point it at a tokenizer.model, a tokenizer.json"):
         load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "nope.model")), [], str(tmp_path))
 
 
-def test_hub_checkpoint_offline_is_a_config_error(tmp_path, monkeypatch):
+def test_hub_checkpoint_offline_names_the_local_fix(tmp_path, monkeypatch):
     import huggingface_hub
+
+    from trainer.checkpoint import CheckpointError
 
     def offline(*args, **kwargs):
         raise OSError("hub unreachable")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(ConfigError, match="set model.tokenizer=PATH"):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="hub unreachable.*model.checkpoint=PATH"):
         load_tokenizer(ModelConfig(checkpoint="openlm-research/open_llama_3b_v2"), ["x"], str(tmp_path))
 
 
@@ -129,5 +131,5 @@ def test_expand_cache_dir(monkeypatch):
 
 
 def test_tokenizer_from_bytes_matches_file(tiny_tokenizer):
-    again = Tokenizer(open(tiny_tokenizer.source, "rb").read())
+    again = SentencePieceTokenizer(open(tiny_tokenizer.source, "rb").read())
     assert again.encode("a quiet , lovely film") == tiny_tokenizer.encode("a quiet , lovely film")

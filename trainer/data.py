@@ -277,14 +277,31 @@ def full_text(example: Example) -> str:
 # ---------------------------------------------------------------- tokenization
 
 
+def answer_ids(tokenizer: Tokenizer, label: int) -> list[int]:
+    """The ids of " <label name>" as the tokenizer splits it after a prompt.
+
+    Encoded as the tail of `cue + " " + name` after `cue`, so the boundary is the tokenizer's
+    own: sentencepiece puts the space in "▁Positive", byte-level BPE in "ĠPositive". The prompt
+    and its answer, encoded apart, then give exactly the ids of the whole text.
+    """
+    cue = prompt_text("")  # what every prompt ends with
+    cue_ids, full_ids = tokenizer.encode(cue), tokenizer.encode(cue + " " + answer_text(label))
+    if full_ids[: len(cue_ids)] != cue_ids or len(full_ids) == len(cue_ids):
+        raise DataError(
+            f"tokenizer {tokenizer.source} merges the answer {answer_text(label)!r} into the prompt's last "
+            f"tokens ({cue_ids[-3:]} vs {full_ids[-4:]}); prompt and answer cannot be scored apart with it"
+        )
+    return full_ids[len(cue_ids):]
+
+
 @dataclass
 class TokenizedSplit:
-    """Per example: BOS + prompt ids and answer ids (encoded separately, so training and scoring agree)."""
+    """Per example: [BOS +] prompt ids and answer ids (encoded separately, so training and scoring agree)."""
 
     prompts: list[np.ndarray]
     answers: list[np.ndarray]
     labels: np.ndarray  # int32
-    candidate_answers: list[np.ndarray]  # ids of "Negative", "Positive": index = label
+    candidate_answers: list[np.ndarray]  # ids of " Negative", " Positive" after a prompt: index = label
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -296,7 +313,7 @@ class TokenizedSplit:
 
 
 _TOKENIZED: dict[str, TokenizedSplit] = {}
-_TOKENIZED_FORMAT = "v1 BOS+prompt | answer"  # bump when the layout below changes
+_TOKENIZED_FORMAT = "v2 [BOS]+prompt | answer as continuation"  # bump when the layout below changes
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer, cache_dir: str) -> TokenizedSplit:
@@ -314,12 +331,13 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer, cache_d
         tokenized = _load_tokenized(path)
     else:
         prompts = tokenizer.encode_batch([prompt_text(example.text) for example in examples])
-        answers = tokenizer.encode_batch([answer_text(example.label) for example in examples])
+        start = [tokenizer.bos_id] if tokenizer.add_bos else []
+        candidates = [np.asarray(answer_ids(tokenizer, label), dtype=np.int32) for label in range(len(LABEL_NAMES))]
         tokenized = TokenizedSplit(
-            prompts=[np.asarray([tokenizer.bos_id, *ids], dtype=np.int32) for ids in prompts],
-            answers=[np.asarray(ids, dtype=np.int32) for ids in answers],
+            prompts=[np.asarray([*start, *ids], dtype=np.int32) for ids in prompts],
+            answers=[candidates[example.label] for example in examples],
             labels=np.asarray([example.label for example in examples], dtype=np.int32),
-            candidate_answers=[np.asarray(tokenizer.encode(name), dtype=np.int32) for name in LABEL_NAMES],
+            candidate_answers=candidates,
         )
         _save_tokenized(path, tokenized)
     _TOKENIZED[key] = tokenized

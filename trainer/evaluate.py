@@ -273,7 +273,7 @@ def evaluate_split(
         with predictions_path.open("w", encoding="utf-8") as f:
             for i, (label, pred, output) in enumerate(zip(labels, predictions, outputs)):
                 record = {
-                    "prompt": prompt_texts[i] if prompt_texts is not None else tokenizer.decode(prompts[i][1:]),
+                    "prompt": prompt_texts[i] if prompt_texts is not None else tokenizer.decode(prompts[i][int(tokenizer.add_bos):]),
                     "output": output,
                     "label": LABEL_NAMES[int(label)],
                     "correct": bool(pred == label),

@@ -1,7 +1,9 @@
 """A LLaMA decoder in Flax NNX: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
 
-Weights follow the Hugging Face LLaMA layout (rotate-half rotary convention, untied head), so a
-`transformers` checkpoint loads without permuting anything. Packed rows are supported: a token
+Weights follow the Hugging Face LLaMA layout (rotate-half rotary convention; the output head is
+its own matrix, or the embedding's transpose when `tied_embeddings`), so a `transformers`
+checkpoint loads without permuting anything. Any projection may carry a low-rank adapter
+(`LoRA`, added by trainer/finetune.py); its parameters are `LoRAParam`s. Packed rows are supported: a token
 attends only to earlier tokens of its own segment, and positions restart per segment.
 
 Shape suffixes: B batch, T query length, S key length, D hidden, N query heads, K key/value
@@ -36,6 +38,7 @@ class LlamaShape:
     init_std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    tied_embeddings: bool = False  # the output head is embed_VxD's transpose (no head_DxV)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -58,13 +61,15 @@ class LlamaShape:
             init_std=cfg.init_std,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
+            tied_embeddings=cfg.tied_embeddings,
         )
 
     def num_params(self) -> int:
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
         attention = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
         per_layer = attention + 3 * d * f + 2 * d
-        return self.num_layers * per_layer + 2 * self.vocab_size * d + d
+        embeddings = (1 if self.tied_embeddings else 2) * self.vocab_size * d
+        return self.num_layers * per_layer + embeddings + d
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype) -> nnx.Param:
@@ -80,6 +85,44 @@ class RMSNorm(nnx.Module):
         x = x_BxTxD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(x_BxTxD.dtype) * x.astype(x_BxTxD.dtype)
+
+
+class LoRAParam(nnx.Param):
+    """A low-rank adapter's weight: what trains under finetune.method=lora."""
+
+
+class LoRA(nnx.Module):
+    """A low-rank update beside a frozen projection: x -> (dropout(x) @ A @ B) * alpha / rank.
+
+    A is (*in, R), B is (R, *out) and starts at zero, so a new adapter leaves the model as it was.
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], rank: int, alpha: float,
+                 dropout: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        fan_in = math.prod(in_shape)
+        self.a_IxR = LoRAParam(jax.random.normal(rngs.params(), (*in_shape, rank), dtype) / math.sqrt(fan_in))
+        self.b_RxO = LoRAParam(jnp.zeros((rank, *out_shape), dtype))
+        self.scale = alpha / rank
+        self.dropout = dropout
+
+    def __call__(self, x: jax.Array, in_dims: int, key: jax.Array | None) -> jax.Array:
+        if key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+        low = dense(x, self.a_IxR[...].astype(x.dtype), in_dims)
+        return dense(low, self.b_RxO[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+
+
+def adapted(x: jax.Array, w: jax.Array, adapter: "LoRA | None", key: jax.Array | None, in_dims: int = 1) -> jax.Array:
+    """`dense(x, w)`, plus the adapter's low-rank update when the projection has one."""
+    y = dense(x, w, in_dims)
+    if adapter is not None:
+        y = y + adapter(x, in_dims, key)
+    return y
+
+
+def _subkey(key: jax.Array | None, index: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, index)
 
 
 def rotary_angles(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -184,26 +227,35 @@ class Attention(nnx.Module):
         self.o_NxHxD = _param(rngs, (n, h, d), std, pdtype)
         self.rope_theta = shape.rope_theta
         self.dtype = jnp.dtype(shape.dtype)
+        self.adapters = nnx.Dict()  # "q", "k", "v", "o" -> LoRA, when fine-tuned with adapters
 
-    def project(self, x_BxTxD, positions_BxT):
+    def weights(self) -> dict[str, nnx.Param]:
+        return {"q": self.q_DxNxH, "k": self.k_DxKxH, "v": self.v_DxKxH, "o": self.o_NxHxD}
+
+    def project(self, x_BxTxD, positions_BxT, key=None):
         """Rotated queries (B, N, T, H) and rotated keys and values (B, K, T, H)."""
         dt = self.dtype
 
-        def heads(w):  # (B, T, heads, H) -> (B, heads, T, H)
-            return jnp.swapaxes(dense(x_BxTxD, w[...].astype(dt)), 1, 2)
+        def heads(name, w, index):  # (B, T, heads, H) -> (B, heads, T, H)
+            y = adapted(x_BxTxD, w[...].astype(dt), self.adapters.get(name), _subkey(key, index))
+            return jnp.swapaxes(y, 1, 2)
 
         cos, sin = rotary_angles(positions_BxT, self.q_DxNxH.shape[-1], self.rope_theta)
-        q = rotate(heads(self.q_DxNxH), cos, sin)
-        k = rotate(heads(self.k_DxKxH), cos, sin)
-        return q, k, heads(self.v_DxKxH)
+        q = rotate(heads("q", self.q_DxNxH, 0), cos, sin)
+        k = rotate(heads("k", self.k_DxKxH, 1), cos, sin)
+        return q, k, heads("v", self.v_DxKxH, 2)
 
-    def output(self, out_BxNxTxH):
-        return dense(jnp.swapaxes(out_BxNxTxH, 1, 2), self.o_NxHxD[...].astype(self.dtype), in_dims=2)
+    def output(self, out_BxNxTxH, key=None):
+        return adapted(jnp.swapaxes(out_BxNxTxH, 1, 2), self.o_NxHxD[...].astype(self.dtype),
+                       self.adapters.get("o"), _subkey(key, 3), in_dims=2)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
-        """The attention output, and this layer's rotated keys and values (a KV cache's contents)."""
-        q, k, v = self.project(x_BxTxD, positions_BxT)
-        return self.output(masked_attention(q, k, v, mask_Bx1xTxS)), (k, v)
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, key=None):
+        """The attention output, and this layer's rotated keys and values (a KV cache's contents).
+
+        `key` draws the adapters' dropout masks (training only; None: no dropout).
+        """
+        q, k, v = self.project(x_BxTxD, positions_BxT, key)
+        return self.output(masked_attention(q, k, v, mask_Bx1xTxS), key), (k, v)
 
     def decode(self, x_Bx1xD, position_B, cache):
         """One new token per row at position_B, attending to the cache; returns the updated cache.
@@ -227,11 +279,16 @@ class MLP(nnx.Module):
         self.up_DxF = _param(rngs, (d, f), std, pdtype)
         self.down_FxD = _param(rngs, (f, d), std, pdtype)
         self.dtype = jnp.dtype(shape.dtype)
+        self.adapters = nnx.Dict()  # "gate", "up", "down" -> LoRA
 
-    def __call__(self, x_BxTxD):
-        dt = self.dtype
-        gate = jax.nn.silu(dense(x_BxTxD, self.gate_DxF[...].astype(dt)))
-        return dense(gate * dense(x_BxTxD, self.up_DxF[...].astype(dt)), self.down_FxD[...].astype(dt))
+    def weights(self) -> dict[str, nnx.Param]:
+        return {"gate": self.gate_DxF, "up": self.up_DxF, "down": self.down_FxD}
+
+    def __call__(self, x_BxTxD, key=None):
+        dt, get = self.dtype, self.adapters.get
+        gate = jax.nn.silu(adapted(x_BxTxD, self.gate_DxF[...].astype(dt), get("gate"), _subkey(key, 4)))
+        hidden = gate * adapted(x_BxTxD, self.up_DxF[...].astype(dt), get("up"), _subkey(key, 5))
+        return adapted(hidden, self.down_FxD[...].astype(dt), get("down"), _subkey(key, 6))
 
 
 class Block(nnx.Module):
@@ -242,11 +299,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, pdtype)
         self.mlp = MLP(shape, rngs=rngs)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, key=None):
         """The block's output and its attention's keys and values."""
-        attended, kv = self.attention(self.attention_norm(x_BxTxD), positions_BxT, mask_Bx1xTxS)
+        attended, kv = self.attention(self.attention_norm(x_BxTxD), positions_BxT, mask_Bx1xTxS, key)
         x_BxTxD = x_BxTxD + attended
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), kv
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), key), kv
 
     def decode(self, x_Bx1xD, position_B, cache):
         attended, cache = self.attention.decode(self.attention_norm(x_Bx1xD), position_B, cache)
@@ -261,20 +318,22 @@ class Llama(nnx.Module):
         self.embed_VxD = _param(rngs, (shape.vocab_size, shape.hidden_size), shape.init_std, pdtype)
         self.layers = nnx.List([Block(shape, rngs=rngs) for _ in range(shape.num_layers)])
         self.final_norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps, pdtype)
-        self.head_DxV = _param(rngs, (shape.hidden_size, shape.vocab_size), shape.init_std, pdtype)
+        if not shape.tied_embeddings:
+            self.head_DxV = _param(rngs, (shape.hidden_size, shape.vocab_size), shape.init_std, pdtype)
 
     def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
         """Logits (float32) for every position; positions/segments default to one unpacked sequence."""
         return self.logits(self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT))
 
-    def hidden_states(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    def hidden_states(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, dropout_key=None):
         """The final-normed hidden states, before the output head."""
-        return self.prefill(tokens_BxT, positions_BxT, segment_ids_BxT)[0]
+        return self.prefill(tokens_BxT, positions_BxT, segment_ids_BxT, dropout_key)[0]
 
-    def prefill(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    def prefill(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, dropout_key=None):
         """The final-normed hidden states and each layer's (keys, values): the KV cache of `decode`.
 
         Under jit the cache costs nothing when unused: XLA drops outputs that nothing reads.
+        `dropout_key` turns on the adapters' dropout (training); None leaves it off.
         """
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -283,8 +342,8 @@ class Llama(nnx.Module):
         mask = attention_mask(segment_ids_BxT)
         x_BxTxD = self.embed(tokens_BxT)
         cache = []
-        for layer in self.layers:
-            x_BxTxD, kv = layer(x_BxTxD, positions_BxT, mask)
+        for index, layer in enumerate(self.layers):
+            x_BxTxD, kv = layer(x_BxTxD, positions_BxT, mask, _subkey(dropout_key, index))
             cache.append(kv)
         return self.final_norm(x_BxTxD), tuple(cache)
 
@@ -304,9 +363,13 @@ class Llama(nnx.Module):
     def embed(self, tokens):
         return jnp.take(self.embed_VxD[...], tokens, axis=0).astype(jnp.dtype(self.shape.dtype))
 
+    def head_weight(self) -> jax.Array:
+        """The output head (D, V): its own matrix, or the embedding's transpose when tied."""
+        return self.embed_VxD[...].T if self.shape.tied_embeddings else self.head_DxV[...]
+
     def logits(self, x_BxTxD):
         dt = jnp.dtype(self.shape.dtype)
-        return dense(x_BxTxD, self.head_DxV[...].astype(dt)).astype(jnp.float32)
+        return dense(x_BxTxD, self.head_weight().astype(dt)).astype(jnp.float32)
 
 
 def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -328,7 +391,7 @@ def head_losses(model: "Llama", hidden_BxTxD: jax.Array, targets_BxT: jax.Array,
     tokens = batch * length
     if tokens <= chunk_tokens or tokens % chunk_tokens:
         return token_losses(model.logits(hidden_BxTxD), targets_BxT)
-    head_DxV = model.head_DxV[...]
+    head_DxV = model.head_weight()
     dt = jnp.dtype(model.shape.dtype)
 
     @jax.checkpoint

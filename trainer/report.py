@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from trainer.train import StepRecord
 
@@ -43,16 +43,25 @@ def format_summary(result) -> str:
         c = report.confusion
         lines.append("test confusion (rows true Negative/Positive; cols predicted Negative/Positive/invalid):")
         lines.extend(f"  {row}" for row in c)
-    lines.append(
-        f"train: {m.get('train_examples', 0):.0f} examples, {m.get('train_tokens', 0):,.0f} tokens, "
-        f"{m.get('steps', 0):.0f} steps, {m.get('tokens_per_second', 0):,.0f} tokens/s, "
-        f"padding {m.get('padding_fraction', 0):.1%}"
-    )
-    lines.append(
-        f"time: train {m.get('train_seconds', 0):.1f}s, compile {m.get('compile_seconds', 0):.1f}s, "
-        f"data {m.get('data_seconds', 0):.1f}s, eval {m.get('eval_seconds', 0) + m.get('eval_before_seconds', 0):.1f}s, "
-        f"wall {m.get('wall_seconds', 0):.1f}s"
-    )
+    # Each part only where its metric exists: a baseline trial has no tokens, steps or compile.
+    train = [
+        text.format(m[key]) for key, text in (
+            ("train_examples", "{:.0f} examples"), ("train_tokens", "{:,.0f} tokens"), ("steps", "{:.0f} steps"),
+            ("tokens_per_second", "{:,.0f} tokens/s"), ("padding_fraction", "padding {:.1%}"),
+            ("vocabulary_size", "{:,.0f} TF-IDF features"), ("baseline_c", "C={:g} (best validation accuracy)"),
+        ) if key in m
+    ]
+    if train:
+        lines.append("train: " + ", ".join(train))
+    seconds = {name: m[key] for name, key in (
+        ("train", "train_seconds"), ("compile", "compile_seconds"), ("data", "data_seconds")) if key in m}
+    if "eval_seconds" in m or "eval_before_seconds" in m:
+        seconds["eval"] = m.get("eval_seconds", 0) + m.get("eval_before_seconds", 0)
+    if "wall_seconds" in m:
+        seconds["wall"] = m["wall_seconds"]
+    times = [f"{name} {value:.1f}s" for name, value in seconds.items()]
+    if times:
+        lines.append("time: " + ", ".join(times))
     for name, path in result.artifacts.items():
         lines.append(f"{name}: {path}")
     return "\n".join(lines)

@@ -26,8 +26,10 @@ BATCH_AXES = ("dp", "fsdp")  # the batch dimension is split over both data axes
 # The one place that says how each LLaMA weight is split. First match wins; paths look like
 # "embed_VxD" or "layers/3/attention/q_DxNxH". Scalars (0-d leaves) are always replicated and
 # need no rule. fsdp shards the hidden dimension D of every matrix; mp shards heads, the
-# feed-forward width F and the vocabulary V (Megatron-style column/row pairs).
-PARTITION_RULES: tuple[tuple[str, P], ...] = (
+# feed-forward width F and the vocabulary V (Megatron-style column/row pairs). LoRA adapters
+# (rule None) are small and replicated whatever their rank.
+PARTITION_RULES: tuple[tuple[str, P | None], ...] = (
+    (r"(^|/)adapters/\w+/(a_IxR|b_RxO)$", None),
     (r"(^|/)embed_VxD$", P("mp", "fsdp")),
     (r"(^|/)attention/(q_DxNxH|k_DxKxH|v_DxKxH)$", P("fsdp", "mp", None)),
     (r"(^|/)attention/o_NxHxD$", P("mp", None, "fsdp")),
@@ -107,6 +109,8 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
             f"no partition rule matches parameter {path!r} with shape {shape}; "
             f"add one to PARTITION_RULES in trainer/sharding.py"
         )
+    if spec is None:
+        return P(*([None] * len(shape)))
     if len(spec) != len(shape):
         raise ValueError(f"partition rule {pattern!r} gives {spec} for parameter {path!r} of rank {len(shape)}")
     return P(*(axes if dim % _axis_size(mesh, axes) == 0 else None for axes, dim in zip(spec, shape)))
@@ -130,8 +134,9 @@ def path_name(path: tuple) -> str:
 def state_shardings(state, mesh: Mesh):
     """NamedShardings for a whole TrainState, as a pytree of the same structure.
 
-    Parameters follow PARTITION_RULES; an optimizer leaf whose path ends with a parameter's path
-    and has its shape (Adam's mu and nu) gets that parameter's sharding; scalars are replicated.
+    Parameters, trained or frozen, follow PARTITION_RULES; an optimizer leaf whose path ends with a parameter's path
+    and has its shape (Adam's mu and nu) gets that parameter's sharding; scalars and the dropout key
+    are replicated.
     """
     replicated = NamedSharding(mesh, P())
     param_specs: dict[str, tuple[P, tuple[int, ...]]] = {}
@@ -143,6 +148,7 @@ def state_shardings(state, mesh: Mesh):
         return NamedSharding(mesh, spec)
 
     params = jax.tree_util.tree_map_with_path(for_param, state.params)
+    frozen = jax.tree_util.tree_map_with_path(for_param, state.frozen)
     # Longest first, so the most specific parameter path wins a suffix match.
     names = sorted(param_specs, key=len, reverse=True)
 
@@ -161,8 +167,8 @@ def state_shardings(state, mesh: Mesh):
             f"parameter's path and share its shape); give it a rule in trainer/sharding.py"
         )
 
-    rest = jax.tree_util.tree_map_with_path(for_other, state.replace(params=None))
-    return rest.replace(params=params)
+    rest = jax.tree_util.tree_map_with_path(for_other, state.replace(params=None, frozen=None, dropout_key=None))
+    return rest.replace(params=params, frozen=frozen, dropout_key=replicated)
 
 
 def shard_state(state, mesh: Mesh):

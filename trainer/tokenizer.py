@@ -1,7 +1,8 @@
-"""A sentencepiece tokenizer: LLaMA's own, or a small BPE model trained on the train split.
+"""Tokenizers: a sentencepiece model (LLaMA's own, or a small BPE trained on the train split), a
+Hugging Face `tokenizer.json`, or the vocabulary inside a GGUF file (trainer/tokenizer_files.py).
 
-BOS and EOS are handled as LLaMA does: `encode` adds neither; data.py prepends BOS to each
-prompt and appends EOS after each answer.
+`encode` adds no special tokens; data.py prepends BOS to each prompt where the tokenizer's
+metadata asks for it (`add_bos`) and appends EOS after each answer.
 """
 
 from __future__ import annotations
@@ -40,21 +41,62 @@ _OC_ENV = re.compile(r"\$\{oc\.env:([^,}]+)(?:,([^}]*))?\}")
 
 
 class Tokenizer:
-    """A sentencepiece model with LLaMA's special ids; padding uses id 0 (unk), always masked."""
+    """What every tokenizer offers: ids without special tokens, the special ids, a fingerprint.
 
-    def __init__(self, model_proto: bytes, source: str = "") -> None:
+    `fingerprint` identifies the exact mapping (cache keys depend on it); padding uses id 0,
+    always masked.
+    """
+
+    source: str
+    fingerprint: str
+    bos_id: int
+    eos_id: int
+    pad_id: int = 0
+    vocab_size: int
+    add_bos: bool = True  # data.py starts every prompt with BOS
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, source={self.source!r}, "
+            f"fingerprint={self.fingerprint[:12]})"
+        )
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model with LLaMA's special ids."""
+
+    def __init__(self, model_proto: bytes, source: str = "", add_bos: bool = True) -> None:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.source = source
-        self.fingerprint = hashlib.sha256(model_proto).hexdigest()
+        self.fingerprint = hashlib.sha256(model_proto + (b"" if add_bos else b"|no-bos")).hexdigest()
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
-        self.pad_id: int = 0
         self.vocab_size: int = self._sp.get_piece_size()
+        self.add_bos = add_bos
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
         """Load a `tokenizer.model` file."""
-        return cls(Path(path).read_bytes(), source=str(path))
+        data = Path(path).read_bytes()
+        try:
+            return cls(data, source=str(path))
+        except RuntimeError as error:  # sentencepiece's own message ("ParseFromArray failed") names no file
+            raise ConfigError(
+                f"{path} is not a sentencepiece model ({error}); point model.tokenizer at a tokenizer.model, "
+                f"a tokenizer.json or a .gguf file"
+            ) from error
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS or EOS."""
@@ -70,19 +112,23 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
-    def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r}, fingerprint={self.fingerprint[:12]})"
 
+def load_tokenizer(
+    model_cfg: ModelConfig, train_texts: Sequence[str], cache_dir: str, checkpoint: Path | None = None
+) -> Tokenizer:
+    """The tokenizer of `model_cfg`: model.tokenizer, else the checkpoint's own, else a BPE trained on `train_texts`.
 
-def load_tokenizer(model_cfg: ModelConfig, train_texts: Sequence[str], cache_dir: str) -> Tokenizer:
-    """The tokenizer of `model_cfg`: a given model file, the checkpoint's, or a BPE trained on `train_texts`.
-
+    `checkpoint` is the resolved local checkpoint (folder or GGUF file); None resolves model.checkpoint.
     `train_texts` are the formatted training examples (`data.full_text`); pass the whole train
     split, not a sampled subset, so trials with different ratios share one tokenizer.
     """
-    path = _pretrained_tokenizer_path(model_cfg)
+    if checkpoint is None and model_cfg.checkpoint:
+        from trainer.checkpoint import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(model_cfg.checkpoint, model_cfg.checkpoint_sha256, expand_cache_dir(cache_dir))
+    path = _pretrained_tokenizer_path(model_cfg, checkpoint)
     if path is not None:
-        tokenizer = Tokenizer.from_file(path)
+        tokenizer = from_file(path)
     else:
         tokenizer = _trained_bpe(train_texts, model_cfg.vocab_size, expand_cache_dir(cache_dir) / "tokenizers")
     if tokenizer.vocab_size != model_cfg.vocab_size:
@@ -103,37 +149,47 @@ def expand_cache_dir(cache_dir: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(_OC_ENV.sub(env_or_default, str(cache_dir))))
 
 
-def _pretrained_tokenizer_path(model_cfg: ModelConfig) -> Path | None:
-    """The `tokenizer.model` that `model_cfg` names, or None to train one."""
+# In a checkpoint folder, in this order: LLaMA's sentencepiece model, then a Hugging Face tokenizer.json.
+_FOLDER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def from_file(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer from a `tokenizer.model`, a `tokenizer.json` or a GGUF file's vocabulary."""
+    from trainer import tokenizer_files
+    from trainer.gguf_file import is_gguf
+
+    path = Path(path)
+    if is_gguf(path):
+        return tokenizer_files.from_gguf(path)
+    if path.suffix == ".json":
+        return tokenizer_files.from_tokenizer_json(path)
+    return SentencePieceTokenizer.from_file(path)
+
+
+def _pretrained_tokenizer_path(model_cfg: ModelConfig, checkpoint: Path | None) -> Path | None:
+    """The tokenizer file that `model_cfg` names or its checkpoint brings, or None to train one."""
     if model_cfg.tokenizer:
         path = Path(os.path.expanduser(model_cfg.tokenizer))
         if path.is_dir():
-            path = path / "tokenizer.model"
+            path = next((path / name for name in _FOLDER_FILES if (path / name).is_file()), path / "tokenizer.model")
         if not path.is_file():
             raise ConfigError(
-                f"model.tokenizer={model_cfg.tokenizer!r}: no sentencepiece model at {path}; "
-                "point it at a tokenizer.model file (or its folder), or set model.tokenizer=null to train one"
+                f"model.tokenizer={model_cfg.tokenizer!r}: no tokenizer at {path}; point it at a tokenizer.model, "
+                "a tokenizer.json or a .gguf file (or their folder), or set model.tokenizer=null"
             )
         return path
-    if not model_cfg.checkpoint:
+    if checkpoint is None:
         return None
-    local = Path(os.path.expanduser(model_cfg.checkpoint))
-    if local.is_dir():
-        if (local / "tokenizer.model").is_file():
-            return local / "tokenizer.model"
-        raise ConfigError(
-            f"model.checkpoint={model_cfg.checkpoint!r} has no tokenizer.model; set model.tokenizer=PATH"
-        )
-    # A hub id: a pretrained checkpoint must use its own tokenizer, never a freshly trained one.
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo_id=model_cfg.checkpoint, filename="tokenizer.model"))
-    except Exception as error:  # any hub failure (offline, missing repo) has the same fix
-        raise ConfigError(
-            f"could not fetch tokenizer.model of model.checkpoint={model_cfg.checkpoint!r} from the "
-            f"Hugging Face hub ({type(error).__name__}: {error}); download it and set model.tokenizer=PATH"
-        ) from error
+    # A pretrained checkpoint must use its own tokenizer, never a freshly trained one.
+    if checkpoint.is_file():
+        return checkpoint  # a GGUF file carries its vocabulary
+    for name in _FOLDER_FILES:
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    raise ConfigError(
+        f"model.checkpoint={model_cfg.checkpoint!r} ({checkpoint}) has neither tokenizer.model nor tokenizer.json; "
+        f"set model.tokenizer=PATH"
+    )
 
 
 def bpe_cache_key(train_texts: Sequence[str], vocab_size: int) -> str:
@@ -154,7 +210,7 @@ def _trained_bpe(train_texts: Sequence[str], vocab_size: int, folder: Path) -> T
         raise ValueError("cannot train a tokenizer on no texts; pass the formatted train split")
     path = folder / f"bpe-{vocab_size}-{bpe_cache_key(train_texts, vocab_size)[:20]}.model"
     if path.is_file():
-        return Tokenizer.from_file(path)
+        return SentencePieceTokenizer.from_file(path)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(train_texts),
@@ -168,4 +224,4 @@ def _trained_bpe(train_texts: Sequence[str], vocab_size: int, folder: Path) -> T
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, path)
-    return Tokenizer(model.getvalue(), source=str(path))
+    return SentencePieceTokenizer(model.getvalue(), source=str(path))

