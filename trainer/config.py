@@ -119,6 +119,9 @@ class EvalConfig:
     batch_size: int = 128
     splits: List[str] = field(default_factory=lambda: ["test", "validation"])
     before_training: bool = True
+    # score mode: the candidate's likelihood includes the EOS after the label. A pretrained model
+    # that was never taught to end there gives EOS noise; false scores the label tokens alone.
+    score_eos: bool = True
     max_examples: Optional[int] = None  # evaluate only the first N of each split
     predictions: bool = True  # write predictions JSONL into output_dir
 

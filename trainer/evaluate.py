@@ -67,16 +67,17 @@ def score_candidates(
     params: nnx.State,
     prompts: Sequence[np.ndarray],
     candidates: Sequence[np.ndarray],
-    eos_id: int,
+    eos_id: Optional[int],
     batch_size: int,
 ) -> np.ndarray:
-    """Log-likelihood (N, C) of each candidate continuation + EOS after each prompt."""
-    longest = max(len(c) for c in candidates) + 1  # + EOS
+    """Log-likelihood (N, C) of each candidate continuation (+ EOS unless eos_id is None) after each prompt."""
+    ends = [] if eos_id is None else [eos_id]
+    longest = max(len(c) for c in candidates) + len(ends)
     targets = np.zeros((len(candidates), longest), np.int32)
     mask = np.zeros((len(candidates), longest), np.float32)
     for c, cand in enumerate(candidates):
-        targets[c, : len(cand) + 1] = [*cand, eos_id]
-        mask[c, : len(cand) + 1] = 1.0
+        targets[c, : len(cand) + len(ends)] = [*cand, *ends]
+        mask[c, : len(cand) + len(ends)] = 1.0
     fn = _continuation_logprob_fn(graphdef)
     # Sort by length so each padded batch wastes little; buckets bound the compiled shapes.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -251,7 +252,8 @@ def evaluate_split(
     scores = None
     if eval_cfg.mode == "score":
         scores = score_candidates(
-            graphdef, params, prompts, tokenized.candidate_answers, tokenizer.eos_id, eval_cfg.batch_size
+            graphdef, params, prompts, tokenized.candidate_answers,
+            tokenizer.eos_id if eval_cfg.score_eos else None, eval_cfg.batch_size,
         )
         predictions = np.argmax(scores, axis=1)
         outputs = [LABEL_NAMES[p] for p in predictions]

@@ -131,7 +131,8 @@ def load_tokenizer(
         tokenizer = from_file(path)
     else:
         tokenizer = _trained_bpe(train_texts, model_cfg.vocab_size, expand_cache_dir(cache_dir) / "tokenizers")
-    if tokenizer.vocab_size != model_cfg.vocab_size:
+    # A checkpoint's own shape is checked against the tokenizer where the model is built (trial.load_model).
+    if checkpoint is None and tokenizer.vocab_size != model_cfg.vocab_size:
         raise ConfigError(
             f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} pieces but "
             f"model.vocab_size={model_cfg.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"

