@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import argparse
 import html
-import math
-import numbers
 import os
 import re
 import shlex
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Optional
 
 import pandas as pd
+
+from sweeper import compare
+from sweeper.compare import FLAGGED, column, format_metric, label
 
 DEFAULT_EXPERIMENT = "rotten_tomatoes"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FORMATS = ("csv", "md", "html", "tex")
+
+# One class in >= 95% of the answers; used only when a run lacks the test_degenerate metric.
+DEGENERATE_SHARE = 0.95
 
 # Tags the sweeper writes on its runs; read here by name so the reader never imports the writer.
 KIND_TAG = "tags.sweeper.kind"
@@ -36,18 +40,15 @@ STATUS_TAG = "tags.sweeper.status"
 ERROR_TAG = "tags.sweeper.error"
 RUN_NAME_TAG = "tags.mlflow.runName"
 
-# One class in >= 95% of the answers; used only when a run lacks the test_degenerate metric.
-DEGENERATE_SHARE = 0.95
-# Worst first: the order in which a trial's problems are reported.
-FLAGGED = ("failed", "diverged", "degenerate", "running")
-
 TRIAL_PARAMS = (
     "lr", "ratio", "warmup", "seed", "optim.b1", "optim.b2", "optim.weight_decay", "optim.end_lr",
-    "model.name", "train.epochs", "data.seq_len", "eval.mode",
+    "model.name", "model.kind", "finetune.method", "finetune.rank", "train.epochs", "data.seq_len", "eval.mode",
 )
+# The params that tell model setups apart (sweeper/compare.py): trials are sorted by them first.
+SETUP_PARAMS = ("model.name", "model.kind", "finetune.method", "finetune.rank", "finetune.layers")
 TRIAL_METRICS = (
     "test_accuracy", "validation_accuracy", "test_f1_macro", "test_invalid_rate", "test_majority_share",
-    "before_test_accuracy", "train_examples", "train_tokens", "steps", "final_loss", "tokens_per_second",
+    "before_test_accuracy", "before_validation_accuracy", "train_examples", "train_tokens", "steps", "final_loss", "tokens_per_second",
     "train_seconds", "wall_seconds",
 )
 
@@ -59,8 +60,8 @@ class ResultsError(Exception):
 @dataclass(frozen=True)
 class Sweep:
     name: str
-    run_id: Optional[str]  # None for --all
-    started: Optional[pd.Timestamp]
+    run_id: str | None  # None for --all
+    started: pd.Timestamp | None
     experiment: str
     tracking_uri: str
 
@@ -153,10 +154,6 @@ def _maybe_numeric(values: pd.Series) -> pd.Series:
     return as_numbers if as_numbers[values.notna()].notna().all() else values
 
 
-def _column(runs: pd.DataFrame, name: str) -> pd.Series:
-    return runs[name] if name in runs.columns else pd.Series(float("nan"), index=runs.index)
-
-
 def override_keys(overrides: Iterable[str]) -> list[str]:
     """The swept keys in first-seen order, from tags like "lr=0.0002,ratio=0.9" (Hydra's +/~ dropped)."""
     keys: list[str] = []
@@ -183,20 +180,21 @@ def _status(tag, mlflow_status, degenerate, majority_share) -> str:
 
 
 def tidy_trials(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs with numeric params, a status column, sorted by the swept keys, numbered from 1."""
-    trials = runs.copy()
+    """The runs with numeric params (blank where a key doesn't apply to the trial's kind), a status
+    column, sorted by model setup and the swept keys, numbered from 1."""
+    trials = compare.blank_inapplicable(runs)
     for name in [c for c in trials.columns if c.startswith("params.")]:
         trials[name] = _maybe_numeric(trials[name])
-    trials["overrides"] = _column(trials, OVERRIDES_TAG).fillna(_column(trials, RUN_NAME_TAG))
+    trials["overrides"] = column(trials, OVERRIDES_TAG).fillna(column(trials, RUN_NAME_TAG))
     trials["status"] = [
         _status(*values)
         for values in zip(
-            _column(trials, STATUS_TAG), trials["status"],
-            _column(trials, "metrics.test_degenerate"), _column(trials, "metrics.test_majority_share"),
+            column(trials, STATUS_TAG), trials["status"],
+            column(trials, "metrics.test_degenerate"), column(trials, "metrics.test_majority_share"),
         )
     ]
-    trials["error"] = _column(trials, ERROR_TAG)
-    sort_by = [f"params.{k}" for k in override_keys(trials["overrides"]) + ["seed"]]
+    trials["error"] = column(trials, ERROR_TAG)
+    sort_by = [f"params.{k}" for k in list(SETUP_PARAMS) + override_keys(trials["overrides"]) + ["seed"]]
     sort_by = list(dict.fromkeys(c for c in sort_by if c in trials.columns)) + ["start_time"]
     trials = trials.sort_values(sort_by, kind="stable", na_position="last").reset_index(drop=True)
     trials.insert(0, "id", range(1, len(trials) + 1))
@@ -222,55 +220,16 @@ def trials_table(trials: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- formatting
 
 
-def is_fraction(metric: str) -> bool:
-    """Metrics in [0, 1] that read best as percentages."""
-    return metric == "accuracy" or metric.endswith(("_accuracy", "_f1_macro", "_invalid_rate", "_majority_share"))
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
-
-
-def format_number(value) -> str:
-    if _missing(value):
-        return ""
-    if isinstance(value, numbers.Real):
-        if float(value).is_integer() and abs(value) < 1e15:
-            return f"{int(value):,}" if abs(value) >= 10_000 else f"{int(value)}"
-        return f"{value:,.2f}" if abs(value) >= 1000 else f"{value:.4g}"
-    return str(value)
-
-
-def format_metric(metric: str, value) -> str:
-    if _missing(value):
-        return ""
-    return f"{value:.2%}" if is_fraction(metric) else format_number(value)
-
-
-def label(value) -> str:
-    """An axis value as it reads in a header: 0.0002, 2e-05, 0.9, 184, tiny."""
-    if isinstance(value, numbers.Real):
-        return "(unset)" if math.isnan(value) else format(value, ".10g")
-    return str(value)
-
-
-def compact(count: float) -> str:
-    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if count >= size:
-            return f"{count / size:.2f}{suffix}"
-    return f"{count:.0f}"
-
-
 def _as_text(table: pd.DataFrame) -> pd.DataFrame:
     """The long table with metrics formatted for reading (percentages, thousands separators)."""
     text = pd.DataFrame(index=table.index)
-    for column in table.columns:
-        if column == "started":
-            text[column] = table[column].dt.strftime("%Y-%m-%d %H:%M")
-        elif column == "error":
-            text[column] = table[column].fillna("").astype(str).str.slice(0, 80)
+    for name in table.columns:
+        if name == "started":
+            text[name] = table[name].dt.strftime("%Y-%m-%d %H:%M")
+        elif name == "error":
+            text[name] = table[name].fillna("").astype(str).str.slice(0, 80)
         else:
-            text[column] = [format_metric(column, v) for v in table[column]]
+            text[name] = [format_metric(name, v) for v in table[name]]
     return text
 
 
@@ -279,7 +238,7 @@ def _as_text(table: pd.DataFrame) -> pd.DataFrame:
 
 def _require(trials: pd.DataFrame, kind: str, name: str, option: str, swept: list[str]) -> str:
     prefix = "params." if kind == "param" else "metrics."
-    name = name[len(prefix):] if name.startswith(prefix) else name
+    name = name.removeprefix(prefix)
     if f"{prefix}{name}" not in trials.columns:
         available = _names(trials, prefix)
         hint = f"swept: {', '.join(swept)}; " if kind == "param" and swept else ""
@@ -303,8 +262,17 @@ def _cell_note(group: pd.DataFrame, values: pd.Series) -> list[str]:
     return notes
 
 
-def pivot_tables(trials: pd.DataFrame, rows: str, cols: str, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The mean metric per (rows, cols) cell: numeric (raw values), and annotated text for reading."""
+def _axis_values(values: pd.Series) -> list:
+    return sorted(values.dropna().unique()) + ([float("nan")] if values.isna().any() else [])
+
+
+def pivot_tables(trials: pd.DataFrame, rows: str, cols: str, metric: str,
+                 by_setup: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The mean metric per (rows, cols) cell: numeric (raw values), and annotated text for reading.
+
+    With trials of several model setups (`by_setup` None: unless one axis alone tells them apart,
+    e.g. --rows model.name with one method per model), a `model` column leads and each setup has its own rows, so that no cell averages two
+    models."""
     swept = override_keys(trials["overrides"])
     row_col = _require(trials, "param", rows, "--rows", swept)
     col_col = _require(trials, "param", cols, "--cols", swept)
@@ -314,68 +282,37 @@ def pivot_tables(trials: pd.DataFrame, rows: str, cols: str, metric: str) -> tup
             f"--rows and --cols are both {rows!r}; pick two different params, e.g. --rows lr --cols ratio"
         )
     metric = metric_col[len("metrics."):]
-    row_values = sorted(trials[row_col].dropna().unique()) + ([float("nan")] if trials[row_col].isna().any() else [])
-    col_values = sorted(trials[col_col].dropna().unique()) + ([float("nan")] if trials[col_col].isna().any() else [])
-    index = pd.Index([label(v) for v in row_values], name=row_col[len("params."):])
-    headers = [label(v) for v in col_values]
+    rows = row_col[len("params."):]
+    setup = compare.setups(trials)["setup"]
+    if by_setup is None:
+        told_apart = any(setup.groupby(trials[c], dropna=False).nunique().max() <= 1 for c in (row_col, col_col))
+        by_setup = setup.nunique() > 1 and not told_apart
+    setup = setup if by_setup else pd.Series("", index=trials.index)
+    # Setups in the trials' order (by model, then fine-tuning method and rank: see tidy_trials).
+    keys = [(s, label(v)) for s in setup.unique() for v in _axis_values(trials.loc[setup == s, row_col])]
+    index = pd.MultiIndex.from_tuples(keys, names=["model", rows]) if by_setup else \
+        pd.Index([row for _, row in keys], name=rows)
+    headers = [label(v) for v in _axis_values(trials[col_col])]
     numeric = pd.DataFrame(float("nan"), index=index, columns=headers)
     annotated = pd.DataFrame("", index=index, columns=headers)
-    for (row_value, col_value), group in trials.groupby([row_col, col_col], dropna=False):
+    for (setup_label, row_value, col_value), group in trials.groupby([setup, row_col, col_col], dropna=False):
         # A failed trial's metrics, if any, are from before the failure: not a result.
         values = group.loc[group["status"] != "failed", metric_col].dropna()
         notes = _cell_note(group, values)
-        where = (label(row_value), label(col_value))
+        row = (setup_label, label(row_value)) if by_setup else label(row_value)
         if len(values):
-            numeric.loc[where] = values.mean()
+            numeric.loc[row, label(col_value)] = values.mean()
             text = format_metric(metric, values.mean())
         else:
             text, notes = (notes[0], notes[1:]) if notes and notes[0] in FLAGGED else ("no value", notes)
-        annotated.loc[where] = text + (f" ({'; '.join(notes)})" if notes else "")
+        annotated.loc[row, label(col_value)] = text + (f" ({'; '.join(notes)})" if notes else "")
     return numeric, annotated
 
 
-def by_ratio_table(trials: pd.DataFrame) -> Optional[pd.DataFrame]:
-    """The reference study's `Sampling ratio | Training data size | Accuracy`, one row per trial."""
-    if "params.ratio" not in trials.columns:
-        return None
-    lrs = _column(trials, "params.lr")
-    seeds = _column(trials, "params.seed")
-    ordered = trials.assign(_lr=lrs, _seed=seeds).sort_values(["_lr", "params.ratio", "_seed", "id"], kind="stable")
-    table = pd.DataFrame(index=ordered.index)
-    if lrs.nunique() > 1:
-        table["LR"] = [label(v) for v in ordered["_lr"]]
-    if seeds.nunique() > 1:
-        table["Seed"] = [label(v) for v in ordered["_seed"]]
-    table["Sampling ratio"] = [
-        "" if _missing(v) else f"{v * 100:g}%" if isinstance(v, numbers.Real) else str(v)
-        for v in ordered["params.ratio"]
-    ]
-    table["Training data size"] = [format_number(v) for v in _column(ordered, "metrics.train_examples")]
-    table["Accuracy"] = [format_metric("test_accuracy", v) for v in _column(ordered, "metrics.test_accuracy")]
-    table["Status"] = ordered["status"]
-    return table.reset_index(drop=True)
-
-
-def runs_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """The reference study's `ID | LR | params | b1 | b2 | warmup steps | weight decay | tokens | accuracy`."""
-    names = _column(trials, "params.model.name")
-    logged_param = pd.to_numeric(_column(trials, "params.model_params"), errors="coerce")
-    size = _column(trials, "metrics.model_params").fillna(logged_param)
-    # A trial that failed before counting its parameters has the same model as its siblings.
-    size = size.fillna(size.groupby(names).transform("max"))
-    model = [compact(n) if pd.notna(n) else label(name) for n, name in zip(size, names)]
-    return pd.DataFrame({
-        "ID": trials["id"],
-        "LR": [label(v) for v in _column(trials, "params.lr")],
-        "params": model,
-        "b1": [label(v) for v in _column(trials, "params.optim.b1")],
-        "b2": [label(v) for v in _column(trials, "params.optim.b2")],
-        "warmup steps": [label(v) for v in _column(trials, "params.warmup")],
-        "weight decay": [label(v) for v in _column(trials, "params.optim.weight_decay")],
-        "tokens": [format_number(v) for v in _column(trials, "metrics.train_tokens")],
-        "accuracy": [format_metric("test_accuracy", v) for v in _column(trials, "metrics.test_accuracy")],
-        "status": trials["status"],
-    }).replace("(unset)", "")
+def _numeric_rows(pivot: pd.DataFrame) -> pd.DataFrame:
+    """The numeric pivot with its row labels as columns, empty where the param is unset, for the CSV."""
+    table = pivot.reset_index()
+    return table.replace({name: {"(unset)": ""} for name in pivot.index.names})
 
 
 # ---------------------------------------------------------------- writing
@@ -385,14 +322,14 @@ def _markdown(text: pd.DataFrame) -> str:
     # Numbers are already formatted; tabulate must not re-parse "2e-05" or "88.74%" into something else.
     numeric = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?[%KMBT]?( \(.*\))?$")
     align = []
-    for column in text.columns:
-        filled = [v for v in text[column] if v != ""]
+    for name in text.columns:
+        filled = [v for v in text[name] if v != ""]
         align.append("right" if filled and all(numeric.match(v) for v in filled) else "left")
     return text.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n"
 
 
 def write_table(out_dir: Path, stem: str, text: pd.DataFrame, formats: list[str], title: str,
-                numeric: Optional[pd.DataFrame] = None) -> list[Path]:
+                numeric: pd.DataFrame | None = None) -> list[Path]:
     """One table in each format; the CSV holds `numeric` when given, else the same text as the others."""
     written = []
     text = text.astype(str)
@@ -412,56 +349,29 @@ def write_table(out_dir: Path, stem: str, text: pd.DataFrame, formats: list[str]
     return written
 
 
-def plot(trials: pd.DataFrame, x: str, series: str, metric: str, path: Path, log_x: bool, title: str) -> Optional[Path]:
-    """`metric` against param `x`, one line per value of `series`; flagged trials drawn with their own marker."""
-    x_col, series_col, metric_col = f"params.{x}", f"params.{series}", f"metrics.{metric}"
-    if x_col not in trials.columns or metric_col not in trials.columns:
-        return None
-    if not pd.api.types.is_numeric_dtype(trials[x_col]):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
-
-    data = trials.assign(_series=_column(trials, series_col))
-    if log_x:
-        data = data[data[x_col] > 0]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    scored = data[data["status"] != "failed"]
-    for value, group in scored.groupby("_series", dropna=False):
-        means = group.groupby(x_col)[metric_col].mean().dropna()
-        ax.plot(means.index, means.values, marker="o", label=f"{series}={label(value)}")
-    markers = {"degenerate": ("X", "tab:red"), "diverged": ("s", "tab:orange")}
-    for status, (marker, color) in markers.items():
-        flagged = scored[(scored["status"] == status) & scored[metric_col].notna()]
-        if len(flagged):
-            ax.scatter(flagged[x_col], flagged[metric_col], marker=marker, s=90, color=color, zorder=3, label=status)
-    if is_fraction(metric):
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    if metric.endswith("accuracy"):
-        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="50%: one class for all")
-    failed = data[data["status"] == "failed"]
-    if len(failed):
-        # Failed trials have no value: mark where they sat on the x axis, along the bottom edge.
-        bottom = ax.get_ylim()[0]
-        ax.scatter(failed[x_col], [bottom] * len(failed), marker="v", s=70, color="black", clip_on=False,
-                   zorder=3, label="failed")
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def _best_setup_line(models: pd.DataFrame) -> str:
+    scored = models.dropna(subset=["test_accuracy"])
+    if scored.empty:
+        return "- best model setup: none (no setup has a trial with validation and test accuracy)"
+    best = scored.iloc[0]
+    setup = best["model"] if best["fine_tuning"] == compare.NOT_APPLICABLE else f"{best['model']} ({best['fine_tuning']})"
+    test = format_metric("test_accuracy", best["test_accuracy"])
+    before = format_metric("test_accuracy", best["before_test_accuracy"])
+    if best["fine_tuning"] == compare.NOT_APPLICABLE:
+        scores = f"test {test} (a baseline: no before-training value)"
+    else:
+        scores = f"test {test} after fine-tuning, " + (f"{before} before" if before else "no before-training value logged")
+    flag = f" ({best['status']})" if best["status"] != "finished" else ""
+    return (
+        f"- best model setup: {setup}{flag}: {scores}; its trial {best['id']} has the setup's best validation "
+        f"accuracy, {format_metric('validation_accuracy', best['validation_accuracy'])} (run {best['run_id']}); "
+        f"{len(models)} setup{'s' if len(models) > 1 else ''} side by side in models.*"
+    )
 
 
-def summary_text(sweep: Sweep, trials: pd.DataFrame, rows: str, cols: str, metric: str, command: str) -> str:
+def summary_text(sweep: Sweep, trials: pd.DataFrame, rows: str, cols: str, metric: str, command: str,
+                 models: pd.DataFrame | None = None) -> str:
+    """`models`: the numeric models table (compare.models_table), computed when not given."""
     counts = trials["status"].value_counts()
     order = ["finished", "degenerate", "diverged", "failed", "running"]
     order += [s for s in counts.index if s not in order]
@@ -474,22 +384,22 @@ def summary_text(sweep: Sweep, trials: pd.DataFrame, rows: str, cols: str, metri
         f"- started: {started}; exported {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- trials: {len(trials)} (" + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in order) + ")",
     ]
-    candidates = trials[trials["status"] != "failed"].dropna(subset=["metrics.validation_accuracy"]) \
-        if "metrics.validation_accuracy" in trials.columns else trials.iloc[0:0]
-    if len(candidates):
+    best = compare.best_trial(trials)
+    if best is not None:
         # A degenerate trial wins only if nothing else scored; it is flagged when it does.
-        ranked = candidates.assign(_flag=candidates["status"] != "finished").sort_values(
-            ["_flag", "metrics.validation_accuracy"], ascending=[True, False], kind="stable")
-        best = ranked.iloc[0]
         flag = f" ({best['status']})" if best["status"] != "finished" else ""
+        setup = compare.setups(trials)["setup"]
+        model = f" {setup[best.name]}" if setup.nunique() > 1 else ""
+        before = format_metric("test_accuracy", column(trials, "metrics.before_test_accuracy")[best.name])
         lines.append(
-            f"- best by validation accuracy: trial {best['id']} `{best['overrides']}`{flag}: validation "
+            f"- best by validation accuracy: trial {best['id']}{model} `{best['overrides']}`{flag}: validation "
             f"{format_metric('validation_accuracy', best['metrics.validation_accuracy'])}, test "
-            f"{format_metric('test_accuracy', _column(ranked, 'metrics.test_accuracy').iloc[0]) or 'not logged'} "
-            f"(run {best['run_id']})"
+            f"{format_metric('test_accuracy', column(trials, 'metrics.test_accuracy')[best.name]) or 'not logged'}"
+            f"{f' (before fine-tuning {before})' if before else ''} (run {best['run_id']})"
         )
     else:
         lines.append("- best by validation accuracy: none (no trial logged validation_accuracy)")
+    lines.append(_best_setup_line(compare.models_table(trials)[0] if models is None else models))
     lines.append(f"- pivot: {metric} by {rows} (rows) x {cols} (columns)")
     flagged = trials[trials["status"].isin(FLAGGED)]
     if len(flagged):
@@ -517,8 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sweeper.results",
         description="Export the trials of one sweep (the MLflow child runs of one parent run) as tables\n"
-        "(trials, pivot, by_ratio, runs) in CSV, Markdown, HTML and LaTeX, with plots and a summary,\n"
-        "into OUT/<sweep name>/. Failed and degenerate trials are marked, never dropped.",
+        "(trials, models, pivot, by_ratio, runs) in CSV, Markdown, HTML and LaTeX, with plots and a summary,\n"
+        "into OUT/<sweep name>/. Values before fine-tuning sit beside those after; the models table has\n"
+        "one row per model setup. Failed and degenerate trials are marked, never dropped.",
         epilog="examples:\n"
         "  python -m sweeper.results\n"
         "  python -m sweeper.results --sweep lr_ratio --rows warmup --cols lr --metric validation_accuracy\n"
@@ -549,7 +460,7 @@ def export(args: argparse.Namespace, command: str) -> Path:
     sweep, runs = select_runs(args.tracking_uri, args.experiment, args.sweep, args.all_runs)
     trials = tidy_trials(runs)
     numeric_pivot, annotated_pivot = pivot_tables(trials, args.rows, args.cols, args.metric)
-    rows, cols = numeric_pivot.index.name, args.cols.removeprefix("params.")
+    rows, cols = numeric_pivot.index.names[-1], args.cols.removeprefix("params.")
     metric = args.metric.removeprefix("metrics.")
 
     out_dir = args.out / re.sub(r"[^\w.=+-]+", "_", sweep.name)
@@ -560,19 +471,32 @@ def export(args: argparse.Namespace, command: str) -> Path:
     written += write_table(
         out_dir, "trials", _as_text(long_table), formats, f"{sweep.name}: trials", numeric=long_table
     )
+    models, models_text = compare.models_table(trials)
+    written += write_table(out_dir, "models", models_text, formats, f"{sweep.name}: model setups", numeric=models)
     corner = f"{rows} \\ {cols}"
     written += write_table(
-        out_dir, "pivot", annotated_pivot.rename_axis(corner).reset_index(), formats,
-        f"{sweep.name}: {metric}", numeric=numeric_pivot.reset_index(),
+        out_dir, "pivot", annotated_pivot.rename_axis(index={rows: corner}).reset_index(), formats,
+        f"{sweep.name}: {metric}", numeric=_numeric_rows(numeric_pivot),
     )
-    by_ratio = by_ratio_table(trials)
+    before = compare.before_metric(metric)
+    if compare.logs_before(trials, metric):
+        # The kinds with no before-training values (the baseline) are left out, not shown as empty.
+        llm = trials[~compare.is_baseline(trials)]
+        numeric_before, annotated_before = pivot_tables(
+            llm, rows, cols, before, by_setup=isinstance(numeric_pivot.index, pd.MultiIndex))
+        written += write_table(
+            out_dir, "pivot_before", annotated_before.rename_axis(index={rows: corner}).reset_index(), formats,
+            f"{sweep.name}: {before}", numeric=_numeric_rows(numeric_before),
+        )
+    by_ratio = compare.by_ratio_table(trials)
     if by_ratio is not None:
         written += write_table(out_dir, "by_ratio", by_ratio, formats, f"{sweep.name}: accuracy by sampling ratio")
     else:
         print("note: no 'ratio' param logged; by_ratio tables skipped", file=sys.stderr)
-    written += write_table(out_dir, "runs", runs_table(trials), formats, f"{sweep.name}: runs")
+    written += write_table(out_dir, "runs", compare.runs_table(trials), formats, f"{sweep.name}: runs")
     for x, series, log_x in (("ratio", "lr", False), ("lr", "ratio", True)):
-        path = plot(trials, x, series, metric, out_dir / f"by_{x}.png", log_x, f"{sweep.name}: {metric} by {x}")
+        path = compare.plot(trials, x, series, metric, out_dir / f"by_{x}.png", log_x,
+                            f"{sweep.name}: {metric} by {x}")
         if path is not None:
             written.append(path)
     resolved = shlex.join([
@@ -581,7 +505,7 @@ def export(args: argparse.Namespace, command: str) -> Path:
         "--rows", rows, "--cols", cols, "--metric", metric, "--formats", ",".join(formats), "--out", str(args.out),
     ])
     (out_dir / "command.txt").write_text(f"{command}\n# the same export, pinned to this sweep:\n{resolved}\n")
-    (out_dir / "summary.md").write_text(summary_text(sweep, trials, rows, cols, metric, command))
+    (out_dir / "summary.md").write_text(summary_text(sweep, trials, rows, cols, metric, command, models))
     written += [out_dir / "command.txt", out_dir / "summary.md"]
 
     counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
@@ -591,7 +515,7 @@ def export(args: argparse.Namespace, command: str) -> Path:
     return out_dir
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
