@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from omegaconf import OmegaConf
 from tabulate import tabulate
 
-from trainer.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+from trainer.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -40,6 +40,23 @@ def train_preset(name: str = "cpu") -> TrainConfig:
 
 def eval_preset(name: str) -> EvalConfig:
     return preset("eval", name, EvalConfig)
+
+
+def trial_preset(*overrides: str) -> TrialConfig:
+    """conf/config.yaml with `overrides` (e.g. "model=smollm2_135m"), composed as `python -m trainer` composes it.
+
+    Unlike `preset`, this applies a model preset's own keys (its finetune, optim, data and train
+    choices) the way a trial gets them.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_configs, to_trial_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        # output_dir interpolates Hydra's run directory, which exists only inside a Hydra app.
+        cfg = compose("config", overrides=[*overrides, "output_dir=unused"])
+    return to_trial_config(cfg)
 
 
 def data_config() -> DataConfig:

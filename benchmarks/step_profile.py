@@ -19,7 +19,8 @@ import re
 import tempfile
 
 from benchmarks.common import optim_preset, print_header, print_table, seconds
-from benchmarks.throughput import Ours, make_setups, token_batches
+from benchmarks.setups import make_setups, token_batches
+from benchmarks.sides import Ours
 
 
 def best_ms(fn, calls: int) -> float:

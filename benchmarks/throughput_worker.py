@@ -1,7 +1,7 @@
 """One side of benchmarks.throughput in a process of its own, driven line by line over stdin.
 
-    python -m benchmarks.throughput_worker ours|theirs SETUP [--quick] [--lr X] [--warmup N] [--torch-threads N]
-                                           [--tune-malloc]
+    python -m benchmarks.throughput_worker ours|theirs SETUP [--quick] [--layers N] [--lr X] [--warmup N]
+                                           [--torch-threads N] [--tune-malloc]
 
 Each side gets the process its users would run: ours tunes glibc's malloc first, as
 `python -m trainer` and `python -m sweeper` do (trainer/hostmem.py); the PyTorch side keeps the
@@ -29,6 +29,7 @@ def main(argv=None) -> None:
     parser.add_argument("side", choices=["ours", "theirs"])
     parser.add_argument("setup")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--layers", type=int, help="as benchmarks.throughput --layers")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--torch-threads", type=int)
@@ -39,20 +40,23 @@ def main(argv=None) -> None:
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr
 
-    from benchmarks.common import cpu_count, optim_preset, seconds
-    from benchmarks.throughput import Ours, Theirs, make_setups, token_batches
+    from benchmarks.common import cpu_count, seconds
+    from benchmarks.setups import BATCH_COUNT, make_setups, token_batches
+    from benchmarks.sides import Ours, Theirs
 
-    setup = make_setups(args.quick)[args.setup]
-    batches = token_batches(setup, count=4)
+    setup = make_setups(args.quick, args.layers)[args.setup]
+    batches = token_batches(setup, count=BATCH_COUNT)
     if args.side == "theirs":
         import torch
 
         torch.set_num_threads(args.torch_threads or cpu_count())
-        side = Theirs(setup, batches, optim_preset(), args.lr)
-        info = {"attention": side.attention, "num_params": side.num_params, "threads": torch.get_num_threads()}
+        side = Theirs(setup, batches, setup.optim, args.lr)
+        info = {"attention": side.attention, "num_params": side.num_params, "threads": torch.get_num_threads(),
+                "lora": side.lora}
     else:
-        side = Ours(setup, batches, optim_preset(), args.lr)
-        info = {"xla_flops": side.xla_flops_per_step()}
+        side = Ours(setup, batches, setup.optim, args.lr)
+        info = {"xla_flops": side.xla_flops_per_step(), "loss_positions": side.loss_positions}
+    info["trainable_params"] = side.trainable_params
     info["malloc_tuned"] = MALLOC_TUNED
     first = seconds(lambda: side.run(1))
     loss = side.run(args.warmup)

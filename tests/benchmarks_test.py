@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 
-def run_quick(env: dict[str, str], name: str, timeout: float = 240) -> str:
+def run_quick(env: dict[str, str], name: str, *flags: str, timeout: float = 240) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{name}", "--quick"],
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", *flags],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -28,13 +28,27 @@ def run_quick(env: dict[str, str], name: str, timeout: float = 240) -> str:
 
 
 def test_throughput_quick_prints_both_sides_ratio_and_mfu(sweeper_env):
-    out = run_quick(sweeper_env, "throughput")
+    # smollm2_lora needs peft; it has a test of its own below.
+    out = run_quick(sweeper_env, "throughput", "--setups", "easylm_debug", "tiny", "smollm2_full")
     assert "float32 matmul peak" in out and "torch 2." in out
-    for setup in ("easylm_debug", "tiny"):
+    for setup in ("easylm_debug", "tiny", "smollm2_full"):
         assert f"-- {setup}" in out
-    assert out.count("| ours (jax)") == 2 and out.count("| torch (transformers)") == 2  # a table row each
-    assert out.count("ratio ours/theirs (median tokens/s):") == 2
+    assert out.count("| ours (jax)") == 3 and out.count("| torch (transformers)") == 3  # a table row each
+    assert out.count("ratio ours/theirs (median tokens/s):") == 3
     assert "MFU" in out and "FLOPs/token = 6*" in out
+    assert out.count("loss on every token") == 2
+    assert "full fine-tuning: all 11,799,360 params train" in out  # SmolLM2's structure, 2 layers, vocab 8192
+    assert "loss on each example's answer token and EOS" in out and "(loss tokens)" in out
+
+
+def test_throughput_quick_lora_setup_against_peft(sweeper_env):
+    pytest.importorskip("peft", reason="the PyTorch side of smollm2_lora uses peft: pip install -e '.[bench]'")
+    out = run_quick(sweeper_env, "throughput", "--setups", "smollm2_lora")
+    assert "-- smollm2_lora" in out and out.count("| ours (jax)") == 1 and out.count("| torch (transformers)") == 1
+    assert "LoRA rank 8, alpha 16, dropout 0 on q,k,v,o,gate,up,down: 162,816 adapter params train" in out
+    assert "LoraConfig, AdamW over the adapters only" in out and "peft 0." in out
+    assert "frozen weights count 4 (no weight gradient), not 6" in out
+    assert "ratio ours/theirs (median tokens/s):" in out
 
 
 def test_epoch_quick_prints_both_layouts_padding_and_ratio(sweeper_env):
@@ -69,12 +83,130 @@ def test_sweep_overhead_quick_accounts_for_the_sweep(sweeper_env):
 
 
 def test_flops_per_token_of_easylm_debug_by_hand():
-    from benchmarks.throughput import easylm_debug_shape, flops_per_token, matmul_params
+    from benchmarks.setups import easylm_debug_shape, flops_per_token, matmul_params
 
     shape = easylm_debug_shape()
     # Per layer q, k, v, o (4 x 128 x 128) and gate, up, down (3 x 128 x 256); the output head 128 x 1024.
     assert matmul_params(shape) == 2 * (4 * 128 * 128 + 3 * 128 * 256) + 128 * 1024 == 458_752
     assert flops_per_token(shape, 256) == 6 * 458_752 + 12 * 2 * 256 * 128
+
+
+def test_smollm2_setups_train_as_the_preset_on_its_real_shape():
+    from benchmarks.setups import make_setups
+
+    setups = make_setups(quick=False)
+    full, lora = setups["smollm2_full"], setups["smollm2_lora"]
+    for setup in (full, lora):
+        s = setup.shape
+        assert (s.vocab_size, s.hidden_size, s.intermediate_size, s.num_layers) == (49152, 576, 1536, 30)
+        assert (s.num_heads, s.num_kv_heads, s.head_dim, s.tied_embeddings) == (9, 3, 64, True)
+        assert (s.rope_theta, s.rms_norm_eps) == (100000.0, 1e-5)
+        assert s.num_params() == 134_515_008  # SmolLM2-135M
+        assert (setup.seq_len, setup.batch_size, setup.loss_on) == (128, 16, "answer")
+        assert (setup.optim.b1, setup.optim.b2, setup.optim.weight_decay, setup.optim.clip_grad_norm) == (
+            0.9, 0.999, 0.0, 1.0)
+    assert full.finetune.method == "full"
+    f = lora.finetune
+    assert (f.method, f.rank, f.alpha, f.dropout) == ("lora", 8, 16.0, 0.0)
+    assert f.targets == ["q", "k", "v", "o", "gate", "up", "down"]
+    # --layers scales every setup down, and says so.
+    scaled = make_setups(quick=False, layers=2)["smollm2_lora"]
+    assert scaled.shape.num_layers == 2 and "not the real shape" in scaled.source
+
+
+def test_answer_batches_pack_like_the_presets_train_split():
+    """The synthetic rows match what trainer.data.pack made of the real split with SmolLM2's tokenizer:
+    2,315 rows, 3.68 reviews and 7.37 loss tokens per row, 1.3% padding, loss-position bound 32."""
+    from benchmarks.setups import loss_positions, make_setups, packed_rows, token_batches
+
+    setup = make_setups(quick=False)["smollm2_full"]
+    rows = packed_rows(setup)
+    assert 2200 <= rows.num_rows <= 2400 and rows.padding_fraction < 0.03
+    assert 3.4 <= rows.num_examples / rows.num_rows <= 4.0
+    assert 6.8 <= rows.loss_mask.sum(axis=1).mean() <= 8.0
+    assert loss_positions(setup) == 32
+    for batch in token_batches(setup, count=2):
+        assert batch["inputs"].shape == (16, 128)
+        for row in range(16):
+            segments = batch["segment_ids"][row]
+            for segment in set(segments[segments > 0].tolist()):
+                where = np.flatnonzero(segments == segment)
+                assert (batch["positions"][row, where] == np.arange(len(where))).all()  # restart per example
+                # The answer token and EOS are the example's last two targets, and carry its whole loss.
+                assert (batch["loss_mask"][row, where] == (np.arange(len(where)) >= len(where) - 2)).all()
+            assert (batch["loss_mask"][row, segments == 0] == 0).all()
+
+
+def test_flops_of_lora_count_frozen_weights_four_times_and_adapters_six():
+    import jax
+    from flax import nnx
+
+    from benchmarks.setups import adapter_params, body_matmul_params, flops_per_token, matmul_params
+    from trainer import finetune
+    from trainer.config import FinetuneConfig
+    from trainer.model import LlamaShape, LoRAParam, init_model
+
+    shape = LlamaShape(vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
+                       num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e5, tied_embeddings=True)
+    lora = FinetuneConfig(method="lora", rank=4, alpha=8.0, targets=["q", "k", "v", "o", "gate", "up", "down"])
+    # q: 48 -> 48, k and v: 48 -> 16, o: 48 -> 48, gate and up: 48 -> 80, down: 80 -> 48; rank 4.
+    per_layer = 4 * ((48 + 48) + 2 * (48 + 16) + (48 + 48) + 2 * (48 + 80) + (80 + 48))
+    assert adapter_params(shape, lora) == 2 * per_layer
+    model, _ = finetune.prepare(init_model(shape, seed=0), lora, seed=0)
+    ours = sum(x.size for x in jax.tree.leaves(nnx.state(model, LoRAParam)))
+    assert ours == adapter_params(shape, lora)
+    # The tied head is the embedding's transpose: its weights count once, as the head.
+    assert matmul_params(shape) == shape.num_params() - (2 * 2 + 1) * 48 == body_matmul_params(shape) + 96 * 48
+    attention = 12 * 2 * 64 * 48
+    assert flops_per_token(shape, 64, lora, loss_share=0.25) == (
+        4 * body_matmul_params(shape) + 4 * 96 * 48 * 0.25 + 6 * adapter_params(shape, lora) + attention)
+    assert flops_per_token(shape, 64, FinetuneConfig(method="full")) == 6 * matmul_params(shape) + attention
+
+
+def test_peft_adapters_match_ours_in_count():
+    pytest.importorskip("peft")
+    from benchmarks.common import optim_preset
+    from benchmarks.setups import Setup, adapter_params, token_batches
+    from benchmarks.sides import Theirs
+    from trainer.config import FinetuneConfig
+    from trainer.model import LlamaShape
+
+    shape = LlamaShape(vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
+                       num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e5, tied_embeddings=True)
+    lora = FinetuneConfig(method="lora", rank=4, alpha=8.0, targets=["q", "k", "v", "o", "gate", "up", "down"])
+    setup = Setup("t", shape, 64, 2, "test", optim_preset(), finetune=lora, loss_on="answer", examples=20)
+    theirs = Theirs(setup, token_batches(setup, count=1), setup.optim, lr=1e-3)
+    assert theirs.num_params == shape.num_params()
+    assert theirs.trainable_params == adapter_params(shape, lora)
+
+
+def test_peer_attends_within_each_packed_example():
+    """transformers turns restarting position_ids into a block-diagonal mask (without a KV cache):
+    each example's hidden states in a packed row equal those of the example alone."""
+    import torch
+
+    from benchmarks.common import optim_preset
+    from benchmarks.setups import Setup, token_batches
+    from benchmarks.sides import Theirs
+    from trainer.model import LlamaShape
+
+    shape = LlamaShape(vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
+                       num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=1e5, tied_embeddings=True)
+    setup = Setup("t", shape, 64, 4, "test", optim_preset(), loss_on="answer", examples=40)
+    batch = token_batches(setup, count=1)[0]
+    theirs = Theirs(setup, [batch], setup.optim, lr=1e-3)
+    inputs, positions = (torch.from_numpy(batch[k]).long() for k in ("inputs", "positions"))
+    with torch.no_grad():
+        packed = theirs.model.model(input_ids=inputs, position_ids=positions, use_cache=False).last_hidden_state
+        checked = 0
+        for row in range(setup.batch_size):
+            segments = batch["segment_ids"][row]
+            for segment in set(segments[segments > 0].tolist()):
+                where = np.flatnonzero(segments == segment)
+                alone = theirs.model.model(input_ids=inputs[row : row + 1, where], use_cache=False).last_hidden_state
+                np.testing.assert_allclose(packed[row, where].numpy(), alone[0].numpy(), atol=1e-5, rtol=1e-5)
+                checked += segment > 1  # an example that does not start its row
+    assert checked > 0
 
 
 def test_padded_batches_pad_to_the_longest_and_mask_padding_labels():
