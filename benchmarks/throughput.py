@@ -42,7 +42,7 @@ class Worker:
         self.label = label
         self.log = tempfile.TemporaryFile(mode="w+")
         command = [sys.executable, "-m", "benchmarks.throughput_worker", side, setup.name,
-                   f"--lr={args.lr}", f"--warmup={timing(setup, args)['warmup']}"]
+                   f"--lr={args.lr}", f"--warmup={timing(setup, args)['warmup']}", f"--rewarm={args.rewarm}"]
         command += ["--quick"] if args.quick else []
         command += [f"--layers={args.layers}"] if args.layers is not None else []
         command += [f"--torch-threads={args.torch_threads}"] if args.torch_threads else []
@@ -153,7 +153,8 @@ def benchmark(setup: Setup, args, peak: float) -> None:
         f"seq {setup.seq_len}, batch {setup.batch_size}, {s.num_params():,} params ({matmul_params(s):,} in matmuls), "
         f"float32",
         *describe_training(setup, ours, theirs, loss_share),
-        f"{repeats} repeats x {steps} steps after {timing(setup, args)['warmup']} warmup steps, each side in its own "
+        f"{repeats} repeats x {steps} steps (each after {args.rewarm} untimed) after {timing(setup, args)['warmup']} "
+        f"warmup steps, each side in its own "
         f"process; torch: {theirs.ready['threads']} threads, attention {theirs.ready['attention']}, malloc "
         f"{malloc(theirs)}; ours: malloc {malloc(ours)}",
         f"FLOPs/token = {flops_formula(setup, loss_share)} = {per_token / 1e6:.3f} MFLOP "
@@ -178,6 +179,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="steps per timed repeat (default 10, smollm2 2; quick 2)")
     parser.add_argument("--repeats", type=int, help="timed repeats per side (default 5, smollm2 3; quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps after the first (default 3, smollm2 1; quick 1)")
+    parser.add_argument("--rewarm", type=int, default=1,
+                        help="untimed steps before each timed repeat, after the other side ran (default 1)")
     parser.add_argument("--layers", type=int,
                         help="build every setup with this many layers (a faster smoke test; not the real shapes)")
     parser.add_argument("--matmul-size", type=int, help="side of the peak matmul (default 4096; quick 256)")

@@ -6,8 +6,8 @@
 Each side gets the process its users would run: ours tunes glibc's malloc first, as
 `python -m trainer` and `python -m sweeper` do (trainer/hostmem.py); the PyTorch side keeps the
 defaults unless --tune-malloc (to see what the same settings give it). The worker builds its side on the shared batches, times one first step, runs the
-warmup, and replies one JSON line; then each request "N" runs N steps and replies their
-seconds (timed in the worker) and the last loss; "quit" ends it.
+warmup, and replies one JSON line; then each request "N" runs --rewarm untimed steps, then N
+steps, and replies their seconds (timed in the worker) and the last loss; "quit" ends it.
 """
 
 import sys
@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, help="as benchmarks.throughput --layers")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rewarm", type=int, default=1, help="untimed steps before each timed window")
     parser.add_argument("--torch-threads", type=int)
     parser.add_argument("--tune-malloc", action="store_true", help="the PyTorch side too (ours always)")
     args = parser.parse_args(argv)
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
         if line.strip() == "quit":
             break
         steps = int(line)
+        if args.rewarm:
+            side.run(args.rewarm)  # back from idle while the other side ran: not a trial's steady step
         result = {}
         result["seconds"] = seconds(lambda: result.update(loss=side.run(steps)))
         replies.write(json.dumps(result) + "\n")
