@@ -173,5 +173,4 @@ def _gguf_sentencepiece(path: Path, meta: dict) -> SentencePieceTokenizer:
     normalizer.remove_extra_whitespaces = False
     normalizer.escape_whitespaces = True
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-    tokenizer = SentencePieceTokenizer(proto.SerializeToString(), source=str(path), add_bos=add_bos)
-    return tokenizer
+    return SentencePieceTokenizer(proto.SerializeToString(), source=str(path), add_bos=add_bos)

@@ -69,7 +69,9 @@ def get_tokenizer(cfg: TrialConfig, train_examples) -> Tokenizer:
     """The checkpoint's own, or one trained on the whole train split (cached on disk by content),
     so every ratio shares it."""
     texts = [data_lib.full_text(e) for e in train_examples]
-    checkpoint = Path(resolve_model(cfg)[1]) if cfg.model.checkpoint else None
+    checkpoint = None
+    if cfg.model.checkpoint:
+        checkpoint = Path(_checkpoint_path(cfg.model.checkpoint, cfg.model.checkpoint_sha256, cfg.data.cache_dir))
     return load_tokenizer(cfg.model, texts, cfg.data.cache_dir, checkpoint)
 
 
