@@ -10,7 +10,9 @@ process, so trials 2..N reuse the tokenized data, base weights and compiled step
 trainer.trial memoises; the joblib launcher runs them in worker processes, each paying for
 its own first compile; `hydra/launcher=vectorized hydra.launcher.group_size=K` trains up to K
 trials that differ only in optimizer numbers and data subset together, one vmapped program,
-each still its own child run (sweeper/vectorized.py, trainer/vectorized.py).
+each still its own child run (sweeper/vectorized.py, trainer/vectorized.py);
+`hydra/launcher=ray` runs each trial as a Ray task, on a Ray started for the sweep or a cluster
+(hydra.launcher.address), across several hosts if hydra.launcher.hosts > 1 (sweeper/ray_launch.py).
 
 Tracking (tracking.uri): by default the SQLite store `mlflow.db` with artifacts in
 `mlartifacts/`, both in the directory the command is run from (`mlflow ui
@@ -21,5 +23,9 @@ finished in the experiment is skipped (resume=false trains it again). The comman
 
 Modules: config (typed schema), expand (the trials of a grid), callbacks (opens and closes a
 sweep), app (one trial as a Hydra job), vectorized (groups of trials for the vectorised
-launcher), tracking (MLflow), state (files in the sweep folder), progress (terminal output).
+launcher), tracking (MLflow), state (files in the sweep folder), progress (terminal output);
+for a search (hydra/sweeper=optuna): search (ask, launch, tell), study (the Optuna study),
+search_space (Hydra override syntax as distributions), search_plots (for sweeper.results);
+for the Ray launcher: ray_launch (the driver), ray_task (what a worker runs), ray_gang (a
+multi-host trial's placement group and processes).
 """

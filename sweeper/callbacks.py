@@ -8,7 +8,9 @@ a warning and goes on, so a sweep that can't start ends here with SystemExit ins
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import subprocess
 import sys
 import time
@@ -19,12 +21,13 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper import expand, state, tracking
+from sweeper import expand, liveness, outbox, state, tracking
 
 EXIT_BAD_SWEEP = 2
 
 _exit_status = 0
 _open_sweep: Optional[tuple[Path, state.SweepState]] = None  # opened, not yet closed
+_sweep_lock = None  # the open sweep folder's lock file, held while the sweep runs
 
 
 def exit_status() -> int:
@@ -32,10 +35,51 @@ def exit_status() -> int:
     return _exit_status
 
 
-def close_open_sweep() -> None:
-    """Close a sweep whose end Hydra never reached (interrupted, or the launcher raised)."""
+def close_open_sweep(error: Optional[BaseException] = None) -> None:
+    """Close a sweep whose end Hydra never reached (interrupted, or the launcher raised).
+
+    `error`: what stopped it; a signal (trainer.interrupt) sets the exit status to 128 + signum.
+    """
+    global _exit_status
     if _open_sweep is not None:
         _close(*_open_sweep, interrupted=True)
+    if isinstance(error, KeyboardInterrupt):
+        from trainer.interrupt import exit_code
+
+        _exit_status = exit_code(error)
+
+
+def _lock_sweep_dir(sweep_dir: Path) -> None:
+    """Hold `sweeper.lock` in the sweep folder; another running sweep holding it is an error."""
+    global _sweep_lock
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(sweep_dir / "sweeper.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise expand.SweepSpecError(
+            f"the sweep folder {sweep_dir} is in use by another sweep that is still running; give this one "
+            "its own folder (drop hydra.sweep.dir to get a new one, or pass hydra.sweep.dir=<another folder>)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _sweep_lock = handle
+
+
+def _send_pending(launch_dir: Path, sweep_dir: Path, window: float) -> None:
+    """Send what earlier sweeps from this directory could not (their outboxes), before starting."""
+    folders = [launch_dir / "multirun", launch_dir / "outputs", sweep_dir.parent]
+    pending = outbox.pending_outboxes(list(dict.fromkeys(folders)))
+    if not pending:
+        return
+    print(f"sending the tracking writes of {len(pending)} earlier trial(s) that the store did not get", flush=True)
+    for folder in pending:
+        left = outbox.open_existing(folder, window).send(block=True)
+        if left:
+            print(f"warning: {left} write(s) in {folder} still not sent", file=sys.stderr, flush=True)
 
 
 def git_commit(folder: Path) -> tuple[Optional[str], Optional[bool]]:
@@ -81,7 +125,11 @@ def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list
     _exit_status = 0
     launch_dir = Path(config.hydra.runtime.cwd)
     uri = tracking.resolve_uri(config.tracking.uri, launch_dir)
+    from sweeper.ray_launch import check_launch
+
+    check_launch(config, uri)  # hydra/launcher=ray: its settings, and a store its workers reach
     tracking.check_reachable(uri, config.tracking.connect_timeout)
+    _lock_sweep_dir(sweep_dir)
     commit, dirty = git_commit(launch_dir)
     name = config.sweep_name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
     parent_tags = {
@@ -94,8 +142,9 @@ def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list
         **tracking.git_tags(commit, dirty),
     }
     try:
-        client = tracking.MlflowClient(tracking_uri=uri)
-        experiment_id = tracking.open_experiment(client, config.tracking.experiment, uri)
+        client, experiment_id = tracking.open_experiment(uri, config.tracking.experiment)
+        liveness.reap_stale(client, experiment_id, config.tracking.stale_after)
+        _send_pending(launch_dir, sweep_dir, config.tracking.retry_window)
         parent_run_id = tracking.start_parent(client, experiment_id, name, parent_tags)
     except tracking.MlflowException as error:
         raise tracking.TrackingError(
@@ -114,6 +163,8 @@ def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list
     )
     state.write_state(sweep_dir, sweep)
     _open_sweep = (sweep_dir, sweep)
+    liveness.heartbeat(uri, config.tracking.heartbeat_every).add(parent_run_id)
+    _retry_window[0] = config.tracking.retry_window
     print(
         f"sweep {name}: {num_trials or 'an unknown number of'} trials, parent run {parent_run_id} "
         f"in experiment {config.tracking.experiment!r} at {uri}",
@@ -121,19 +172,32 @@ def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list
     )
 
 
+_retry_window = [300.0]  # tracking.retry_window of the open sweep
+
+
 def _close(sweep_dir: Path, sweep: state.SweepState, interrupted: bool = False) -> None:
-    global _exit_status, _open_sweep
+    global _exit_status, _open_sweep, _sweep_lock
     _open_sweep = None
-    summary = state.read_summary(sweep_dir, sweep.num_trials)
+    summary = state.read_summary(sweep_dir, sweep.num_trials, interrupted=interrupted)
     print(format_summary(summary), flush=True)
     if interrupted:
-        print("the sweep stopped before its end", file=sys.stderr, flush=True)
+        print("the sweep stopped before its end; run the same command again to resume it", file=sys.stderr, flush=True)
     _exit_status = 1 if summary.failed or interrupted else 0
-    try:
-        client = tracking.MlflowClient(tracking_uri=sweep.tracking_uri)
-        tracking.finish_parent(client, sweep.parent_run_id, summary, status="KILLED" if interrupted else None)
-    except Exception as error:
-        print(f"warning: could not close parent run {sweep.parent_run_id}: {error}", file=sys.stderr)
+    if not interrupted:  # the best trial's saved model into its run (train.save_model; never raises)
+        from sweeper.mlflow_model import finish_sweep
+
+        finish_sweep(sweep_dir, sweep)
+    liveness.heartbeat(sweep.tracking_uri, 30).discard(sweep.parent_run_id)
+    box = outbox.Outbox(sweep_dir / "tracking_parent", sweep.tracking_uri, _retry_window[0])
+    tracking.finish_parent(box, sweep.parent_run_id, summary, status="KILLED" if interrupted else None)
+    left = box.send(block=not interrupted)
+    if left:
+        print(f"warning: the parent run's last {left} write(s) wait in {box.folder}; "
+              f"`python -m sweeper.sync {sweep_dir}` sends them", file=sys.stderr, flush=True)
+    box.release()
+    if _sweep_lock is not None:
+        _sweep_lock.close()
+        _sweep_lock = None
 
 
 def format_summary(summary: state.Summary) -> str:
@@ -150,7 +214,11 @@ def format_summary(summary: state.Summary) -> str:
             line += f"  ({o.message})"
         lines.append(line)
     if summary.missing:
-        lines.append(f"{summary.missing} trial(s) left no outcome (the job crashed); counted as failed")
+        lines.append(f"{summary.missing} trial(s) never started (the sweep was stopped)" if summary.interrupted
+                     else f"{summary.missing} trial(s) left no outcome (the job crashed); counted as failed")
+    if summary.unsent:
+        lines.append(f"{summary.unsent} tracking write(s) wait in the trials' folders; "
+                     "`python -m sweeper.sync` sends them once the store is back")
     lines.append(summary.line())
     return "\n".join(lines)
 
@@ -161,11 +229,12 @@ class TrackingCallback(Callback):
     def _start(self, config: DictConfig, jobs: Optional[list[list[str]]], sweep_dir: Path) -> None:
         try:
             if jobs is None:  # another sweeper (a search): trials are chosen as it goes
+                from sweeper.study import plan, preview
+
                 if config.preview:
-                    _abort("preview=true lists the grid of Hydra's basic sweeper; this sweep uses another")
-                num_trials = int(OmegaConf.select(config, "hydra.sweeper.n_trials", default=0) or 0)
-                params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-                _open(config, sweep_dir, num_trials, [str(key) for key in params])
+                    preview(config)  # a search prints its space and study, then exits
+                num_trials, keys = plan(config)  # a search (hydra/sweeper=optuna) is checked here
+                _open(config, sweep_dir, num_trials, keys)
                 return
             if config.preview:
                 _preview(config, jobs)

@@ -32,6 +32,14 @@ class TrackingConfig:
     flush_every: int = 25
     # Seconds to wait for a tracking server to answer before the sweep gives up.
     connect_timeout: float = 5.0
+    # A store that goes away mid-sweep: each trial's writes wait in its folder (sweeper/outbox.py)
+    # and are retried for this many seconds at the trial's end; what is left is sent by the next
+    # sweep from the same directory or by `python -m sweeper.sync`.
+    retry_window: float = 300.0
+    # Runs carry a heartbeat tag refreshed this often; a RUNNING run whose process is gone, or
+    # whose heartbeat is older than stale_after, is marked KILLED by the next sweep.
+    heartbeat_every: float = 30.0
+    stale_after: float = 180.0
 
 
 @dataclass
@@ -40,6 +48,7 @@ class SweepConfig(TrialConfig):
     sweep_name: Optional[str] = None  # the parent run's name; None: "sweep-<date>-<time>"
     preview: bool = False  # print the expanded trials, train nothing, create no runs
     resume: bool = True  # skip a trial whose exact config already finished in the experiment
+    rerun_diverged: bool = False  # with resume: train again a config that diverged before
 
 
 SWEEPER_KEYS = tuple(f.name for f in dataclasses.fields(SweepConfig) if f.name not in TRIAL_KEYS)

@@ -38,6 +38,7 @@ KIND_TAG = "tags.sweeper.kind"
 OVERRIDES_TAG = "tags.sweeper.overrides"
 STATUS_TAG = "tags.sweeper.status"
 ERROR_TAG = "tags.sweeper.error"
+LINK_TAG = "tags.sweeper.linked_run_id"
 RUN_NAME_TAG = "tags.mlflow.runName"
 
 TRIAL_PARAMS = (
@@ -109,6 +110,8 @@ def select_runs(tracking_uri: str, experiment: str, sweep: str, all_runs: bool) 
         runs = mlflow.search_runs([experiment_id])
         if KIND_TAG in runs.columns:
             runs = runs[runs[KIND_TAG] != "sweep"]
+        if LINK_TAG in runs.columns:  # a re-run sweep's stand-ins for runs that are here anyway
+            runs = runs[runs[LINK_TAG].isna() | (runs[LINK_TAG] == "")]
         if runs.empty:
             raise ResultsError(f"experiment {experiment!r} at {tracking_uri} has no trial runs yet")
         return Sweep(f"{experiment}-all", None, runs["start_time"].min(), experiment, tracking_uri), runs
@@ -138,11 +141,32 @@ def select_runs(tracking_uri: str, experiment: str, sweep: str, all_runs: bool) 
                 "pass a run id to pick another", file=sys.stderr,
             )
     parent = chosen.iloc[0]
-    runs = mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    runs = _follow_links(mlflow.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}'"))
     name = parent[RUN_NAME_TAG] if isinstance(parent.get(RUN_NAME_TAG), str) else parent["run_id"]
     if runs.empty:
         raise ResultsError(f"sweep {name!r} ({parent['run_id']}) has no trial runs yet")
     return Sweep(name, parent["run_id"], parent["start_time"], experiment, tracking_uri), runs
+
+
+def _follow_links(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each link run (a trial a re-run sweep skipped: tag sweeper.linked_run_id) replaced by the run it
+    links to, so a re-run sweep exports every trial with its measured values."""
+    import mlflow
+
+    if runs.empty or LINK_TAG not in runs.columns:
+        return runs
+    is_link = runs[LINK_TAG].notna() & (runs[LINK_TAG] != "")
+    linked_ids = list(dict.fromkeys(runs.loc[is_link, LINK_TAG]))
+    if not linked_ids:
+        return runs
+    experiment_ids = list(runs["experiment_id"].unique())
+    quoted = ", ".join(f"'{run_id}'" for run_id in linked_ids)
+    linked = mlflow.search_runs(experiment_ids, filter_string=f"attributes.run_id IN ({quoted})")
+    missing = set(linked_ids) - set(linked["run_id"])
+    if missing:
+        print(f"note: {len(missing)} linked run(s) no longer exist (deleted?): {', '.join(sorted(missing))}",
+              file=sys.stderr)
+    return pd.concat([runs[~is_link], linked], ignore_index=True)
 
 
 # ---------------------------------------------------------------- one row per trial
@@ -433,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  python -m sweeper.results\n"
         "  python -m sweeper.results --sweep lr_ratio --rows warmup --cols lr --metric validation_accuracy\n"
-        "  python -m sweeper.results --all --formats csv,md",
+        "  python -m sweeper.results --all --formats csv,md\n"
+        "  python -m sweeper.results register --name NAME   # the best trial into the Model Registry",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = parser.add_mutually_exclusive_group()
@@ -499,6 +524,10 @@ def export(args: argparse.Namespace, command: str) -> Path:
                             f"{sweep.name}: {metric} by {x}")
         if path is not None:
             written.append(path)
+    if sweep.run_id is not None:  # a search sweep (hydra/sweeper=optuna): its study's history and importances
+        from sweeper.search_plots import write_search_plots
+
+        written += write_search_plots(sweep.tracking_uri, sweep.run_id, out_dir)
     resolved = shlex.join([
         "python", "-m", "sweeper.results", "--tracking-uri", sweep.tracking_uri, "--experiment", sweep.experiment,
         *(["--all"] if sweep.run_id is None else ["--sweep", sweep.run_id]),
@@ -517,6 +546,10 @@ def export(args: argparse.Namespace, command: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["register"]:  # python -m sweeper.results register ...: sweeper/register.py
+        from sweeper.register import main as register
+
+        return register(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         export(args, shlex.join(["python", "-m", "sweeper.results", *argv]))

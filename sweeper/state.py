@@ -18,7 +18,7 @@ from typing import Optional
 
 STATE_FILE = "sweeper_state.json"
 OUTCOMES_DIR = "sweeper_outcomes"
-STATUSES = ("finished", "failed", "diverged", "skipped")
+STATUSES = ("finished", "failed", "diverged", "skipped", "interrupted", "pruned")
 
 
 @dataclass
@@ -37,28 +37,34 @@ class SweepState:
 class Outcome:
     trial: int  # 1-based, in Hydra's job order
     name: str  # the trial's swept overrides, e.g. "lr=0.0002,ratio=0.9"
-    status: str  # finished | failed | diverged | skipped
+    status: str  # one of STATUSES; pruned: stopped by a search's pruner (sweeper/search.py)
     run_id: Optional[str] = None  # the child run; for a skipped trial, the earlier run
     message: str = ""
     validation_accuracy: float = math.nan
     test_accuracy: float = math.nan
     seconds: float = 0.0
     compile_seconds: float = math.nan
+    unsent: int = 0  # tracking writes still waiting in the trial's outbox (sent later by sweeper.sync)
+    output_dir: str = ""
 
 
 @dataclass
 class Summary:
     num_trials: int  # 0 when unknown beforehand (a search sweeper)
     outcomes: list[Outcome] = field(default_factory=list)
+    interrupted: bool = False  # the sweep was stopped (a signal): trials without an outcome never ran
 
     @property
     def total(self) -> int:
         return max(self.num_trials, len(self.outcomes))
 
+    def statuses(self) -> tuple[str, ...]:
+        return STATUSES + (("not run",) if self.interrupted else ())
+
     def count(self, status: str) -> int:
         counted = sum(1 for o in self.outcomes if o.status == status)
-        if status == "failed":
-            counted += self.missing  # a job that left no outcome crashed
+        if status == ("not run" if self.interrupted else "failed"):
+            counted += self.missing  # a job that left no outcome crashed, or never started
         return counted
 
     @property
@@ -69,8 +75,12 @@ class Summary:
     def failed(self) -> bool:
         return self.count("failed") > 0
 
+    @property
+    def unsent(self) -> int:
+        return sum(o.unsent for o in self.outcomes)
+
     def line(self) -> str:
-        counts = ", ".join(f"{self.count(s)} {s}" for s in STATUSES)
+        counts = ", ".join(f"{self.count(s)} {s}" for s in self.statuses() if s in STATUSES[:4] or self.count(s))
         return f"{self.total} trials: {counts}"
 
 
@@ -102,12 +112,12 @@ def write_outcome(sweep_dir: Path, outcome: Outcome) -> None:
     _write_json(sweep_dir / OUTCOMES_DIR / f"{outcome.trial:04d}.json", asdict(outcome))
 
 
-def read_summary(sweep_dir: Path, num_trials: int) -> Summary:
+def read_summary(sweep_dir: Path, num_trials: int, interrupted: bool = False) -> Summary:
     outcomes = [
         Outcome(**json.loads(path.read_text()))
         for path in sorted((sweep_dir / OUTCOMES_DIR).glob("*.json"))
     ]
-    return Summary(num_trials=num_trials, outcomes=outcomes)
+    return Summary(num_trials=num_trials, outcomes=outcomes, interrupted=interrupted)
 
 
 __all__ = [

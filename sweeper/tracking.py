@@ -8,11 +8,12 @@ confusion matrices as artifacts.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,13 +26,19 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID  # noqa: E402
 
+from sweeper import liveness  # noqa: E402
+
 STEP_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "tokens_seen")
 # Keys that don't change what a trial computes, so they stay out of the resume hash.
-UNHASHED_KEYS = ("output_dir", "data.cache_dir")
+UNHASHED_KEYS = (
+    "output_dir", "data.cache_dir", "train.checkpoint_dir", "train.checkpoint_every_steps",
+    "train.checkpoint_every_minutes", "train.keep_checkpoint", "train.resume",
+    "train.save_model", "train.save_adapter",  # what is kept of a trial, not what it computes
+)
 MAX_TAG_CHARS = 5000
 
 
@@ -85,22 +92,43 @@ def check_reachable(uri: str, timeout: float) -> None:
             ) from None
 
 
-def open_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    """The experiment's id, created (with the store's tables) if it doesn't exist yet."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location(uri))
-        except MlflowException:
-            experiment = client.get_experiment_by_name(name)  # created meanwhile by another sweep
-            if experiment is None:
-                raise
+def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
+    """A client of the store and the experiment's id, created (with the store's tables) if need be.
+
+    For a SQLite store, this holds a lock file beside the database: two sweeps starting at once
+    on a new file would otherwise both run MLflow's table migrations (which the client runs as
+    soon as it is made).
+    """
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return client, client.create_experiment(name, artifact_location=artifact_location(uri))
+            except MlflowException:
+                experiment = client.get_experiment_by_name(name)  # created meanwhile by another sweep
+                if experiment is None:
+                    raise
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(
             f"experiment {name!r} is deleted in {uri}; restore it with `mlflow experiments "
             f"restore --experiment-id {experiment.experiment_id}` or pass tracking.experiment=<new name>"
         )
-    return experiment.experiment_id
+    return client, experiment.experiment_id
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -138,6 +166,7 @@ def git_tags(commit: Optional[str], dirty: Optional[bool]) -> dict[str, Any]:
 
 
 def start_parent(client: MlflowClient, experiment_id: str, name: str, run_tags: dict[str, Any]) -> str:
+    run_tags = {**liveness.liveness_tags(), **run_tags}
     run = client.create_run(experiment_id, run_name=name, tags={t.key: t.value for t in tags(run_tags)})
     return run.info.run_id
 
@@ -145,60 +174,93 @@ def start_parent(client: MlflowClient, experiment_id: str, name: str, run_tags: 
 def start_child(
     client: MlflowClient, experiment_id: str, parent_run_id: str, name: str, run_tags: dict[str, Any]
 ) -> str:
-    run_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, "sweeper.sweep_id": parent_run_id, **run_tags}
+    run_tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, "sweeper.sweep_id": parent_run_id,
+                **liveness.liveness_tags(), **run_tags}
     run = client.create_run(experiment_id, run_name=name, tags={t.key: t.value for t in tags(run_tags)})
     return run.info.run_id
 
 
-def find_finished(client: MlflowClient, experiment_id: str, digest: str):
-    """The latest child run that finished with this exact config, or None."""
+def find_finished(client: MlflowClient, experiment_id: str, digest: str, *, diverged: bool = True):
+    """The latest trial run that finished (or, with `diverged`, diverged) with this exact config, or None.
+
+    Runs that only link to another run's result are not results themselves.
+    """
     runs = client.search_runs(
         [experiment_id],
-        filter_string=(
-            f"tags.`sweeper.config_hash` = '{digest}' AND tags.`sweeper.status` = 'finished' "
-            "AND attributes.status = 'FINISHED'"
-        ),
-        max_results=1,
+        filter_string=f"tags.`sweeper.config_hash` = '{digest}' AND attributes.status = 'FINISHED'",
+        max_results=50,
         order_by=["attributes.start_time DESC"],
     )
-    return runs[0] if runs else None
+    wanted = ("finished", "diverged") if diverged else ("finished",)
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("sweeper.status") in wanted and not tags.get("sweeper.linked_run_id"):
+            return run
+    return None
+
+
+def find_resumable(client: MlflowClient, experiment_id: str, digest: str):
+    """Trial runs with this config that were interrupted (newest first): candidates to resume."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`sweeper.config_hash` = '{digest}' AND tags.`sweeper.status` = 'interrupted'",
+        max_results=10,
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def start_link(client: MlflowClient, experiment_id: str, parent_run_id: str, name: str,
+               run_tags: dict[str, Any], linked_run_id: str) -> str:
+    """A child run that stands for an earlier run's result in this sweep (nothing copied)."""
+    run_tags = {**run_tags, "sweeper.status": "skipped", "sweeper.linked_run_id": linked_run_id}
+    run_id = start_child(client, experiment_id, parent_run_id, name, run_tags)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> int:
+    """The last step of the run's loss curve already in the store (0 if none)."""
+    history = client.get_metric_history(run_id, "loss")
+    return max((m.step for m in history), default=0)
 
 
 class StepLogger:
-    """Buffers step records and sends them with one log_batch call every `every` steps."""
+    """Buffers step records and hands them to the run's outbox every `every` steps, then tries to
+    send; steps up to `after_step` (already in the store, for a resumed run) are not logged again."""
 
-    def __init__(self, client: MlflowClient, run_id: str, every: int) -> None:
-        self.client, self.run_id, self.every = client, run_id, max(int(every), 1)
-        self.pending: list[Metric] = []
+    def __init__(self, outbox, run_id: str, every: int, after_step: int = 0) -> None:
+        self.outbox, self.run_id, self.every = outbox, run_id, max(int(every), 1)
+        self.after_step = int(after_step)
+        self.pending: list[tuple] = []
         self.steps_pending = 0
 
     def __call__(self, record) -> None:
+        if record.step <= self.after_step:
+            return
         timestamp = int(time.time() * 1000)
-        self.pending.extend(
-            Metric(key, float(getattr(record, key)), timestamp, int(record.step)) for key in STEP_KEYS
-        )
+        self.pending.extend((key, float(getattr(record, key)), timestamp, int(record.step)) for key in STEP_KEYS)
         self.steps_pending += 1
         if self.steps_pending >= self.every:
             self.flush()
 
     def flush(self) -> None:
         if self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.outbox.log_batch(self.run_id, metrics=self.pending)
+            self.outbox.send(block=False)
         self.pending, self.steps_pending = [], 0
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(outbox, run_id: str, metrics: dict[str, float], step: int) -> None:
     """Final metrics at the trial's last step, so each is the latest value in the runs table."""
     timestamp = int(time.time() * 1000)
-    batch = [Metric(key, float(value), timestamp, step) for key, value in sorted(metrics.items())]
-    client.log_batch(run_id, metrics=batch)
+    outbox.log_batch(run_id, metrics=[(key, float(value), timestamp, step) for key, value in sorted(metrics.items())])
 
 
-def log_trial_artifacts(client: MlflowClient, run_id: str, result) -> None:
+def log_trial_artifacts(outbox, run_id: str, result) -> None:
     """Predictions JSONL files and the confusion matrices (JSON, and a PNG of the test split)."""
     for path in result.artifacts.values():
         if Path(path).is_file():
-            client.log_artifact(run_id, path, artifact_path="predictions")
+            outbox.log_artifact(run_id, path, artifact_path="predictions")
     if result.reports:
         confusion = {
             name: {
@@ -208,11 +270,11 @@ def log_trial_artifacts(client: MlflowClient, run_id: str, result) -> None:
             }
             for name, report in result.reports.items()
         }
-        client.log_dict(run_id, confusion, "confusion.json")
+        outbox.log_dict(run_id, confusion, "confusion.json")
     if "test" in result.reports:
         figure = confusion_figure(result.reports["test"].confusion, "test")
         if figure is not None:
-            client.log_figure(run_id, figure, "confusion_test.png")
+            outbox.log_figure(run_id, figure, "confusion_test.png")
             import matplotlib.pyplot as plt
 
             plt.close(figure)
@@ -241,17 +303,14 @@ def confusion_figure(counts: list[list[int]], split: str):
     return figure
 
 
-def log_error(client: MlflowClient, run_id: str, message: str, details: str) -> None:
-    client.set_tag(run_id, "sweeper.error", message[:MAX_TAG_CHARS])
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "error.txt"
-        path.write_text(details)
-        client.log_artifact(run_id, str(path))
+def log_error(outbox, run_id: str, message: str, details: str) -> None:
+    outbox.set_tag(run_id, "sweeper.error", message[:MAX_TAG_CHARS])
+    outbox.log_text(run_id, details, "error.txt")
 
 
-def finish_parent(client: MlflowClient, run_id: str, summary, status: Optional[str] = None) -> None:
+def finish_parent(outbox, run_id: str, summary, status: Optional[str] = None) -> None:
     """The sweep's counts on the parent run, which ends FAILED if any trial failed (or `status`)."""
-    counts = {f"trials_{s}": float(summary.count(s)) for s in ("finished", "failed", "diverged", "skipped")}
+    counts = {f"trials_{s}": float(summary.count(s)) for s in summary.statuses()}
     counts["trials"] = float(summary.total)
     best = max(
         (o.validation_accuracy for o in summary.outcomes if not math.isnan(o.validation_accuracy)),
@@ -259,16 +318,13 @@ def finish_parent(client: MlflowClient, run_id: str, summary, status: Optional[s
     )
     if best is not None:
         counts["best_validation_accuracy"] = best
-    log_metrics(client, run_id, counts, step=0)
-    client.set_tag(run_id, "sweeper.summary", summary.line())
-    client.set_terminated(run_id, status or ("FAILED" if summary.failed else "FINISHED"))
+    log_metrics(outbox, run_id, counts, step=0)
+    outbox.set_tag(run_id, "sweeper.summary", summary.line())
+    outbox.set_tag(run_id, "sweeper.status", "interrupted" if status == "KILLED" else "finished")
+    outbox.set_terminated(run_id, status or ("FAILED" if summary.failed else "FINISHED"))
 
 
-def end_run_quietly(client: MlflowClient, run_id: str, run_status: str, sweeper_status: str) -> Optional[str]:
-    """Tag sweeper.status and end the run, never raising; returns the error when the store refused."""
-    try:
-        client.set_tag(run_id, "sweeper.status", sweeper_status)
-        client.set_terminated(run_id, run_status)
-    except Exception as error:  # the store is gone; the outcome file still records the trial
-        return f"{type(error).__name__}: {error}"
-    return None
+def end_run(outbox, run_id: str, run_status: str, sweeper_status: str) -> None:
+    """Tag sweeper.status and end the run (through the outbox: never raises on a store that is away)."""
+    outbox.set_tag(run_id, "sweeper.status", sweeper_status)
+    outbox.set_terminated(run_id, run_status)

@@ -54,7 +54,8 @@ def capture(task_function: Callable[[DictConfig], Any]) -> Callable[[DictConfig]
             validate(to_trial_config(OmegaConf.create(values)))
             if cfg.resume:
                 client = tracking.MlflowClient(tracking_uri=sweep.tracking_uri)
-                if tracking.find_finished(client, sweep.experiment_id, tracking.config_hash(values)) is not None:
+                digest = tracking.config_hash(values)
+                if tracking.find_finished(client, sweep.experiment_id, digest, diverged=not cfg.rerun_diverged):
                     return task_function(cfg)  # skipped, as the app records it
         except Exception:
             return task_function(cfg)  # the app records the same failure, in a run of its own
@@ -145,6 +146,7 @@ def train_group(trials: list[PendingTrial]) -> list[state.Outcome]:
         print(f"vectorised group of {len(trials)}: trials {numbers}", flush=True)
     outcomes: list[state.Outcome] = []
     runs: list[Optional[app.TrackedTrial]] = []
+    interrupted = False
     try:
         for trial in trials:
             outcome, run = open_run(trial)
@@ -153,11 +155,14 @@ def train_group(trials: list[PendingTrial]) -> list[state.Outcome]:
         training = [run for run in runs if run is not None]
         if training:
             train_together(training, f"trials {numbers}/{trials[0].sweep.num_trials}")
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         # Every trial gets its outcome file; a run still open (interrupted) ends KILLED.
         for k, run in enumerate(runs):
             if run is not None:
-                run.close()
+                run.close(interrupted=interrupted)
                 outcomes[k] = run.outcome
         share = (time.perf_counter() - started) / len(trials)
         for trial, outcome in zip(trials, outcomes):

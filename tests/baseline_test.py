@@ -136,9 +136,9 @@ def write_jsonl_splits(folder: Path, train_labels: list[int]) -> Path:
 
 
 def test_a_one_class_train_set_is_a_config_error(tmp_path):
-    data = write_jsonl_splits(tmp_path / "data", [1] * 20)
+    data = write_jsonl_splits(tmp_path / "data", [1] * 19 + [0])
     with pytest.raises(ConfigError, match=r"one class only \(Positive\).*raise ratio"):
-        run_trial(baseline_config(tmp_path / "out", data_path=data))
+        run_trial(baseline_config(tmp_path / "out", "ratio=0.05", data_path=data))
 
 
 @pytest.mark.parametrize(

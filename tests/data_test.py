@@ -81,7 +81,7 @@ def test_hub_snapshot_with_parquet_files(rt_splits, tmp_path, monkeypatch):
 
     (tmp_path / "data").mkdir()
     for split in data.SPLITS:
-        rows = rt_splits[split][:5]
+        rows = rt_splits[split][:5] + rt_splits[split][-5:]  # both classes (the Cornell order: positives first)
         frame = pd.DataFrame({"text": [e.text for e in rows], "label": [e.label for e in rows]})
         frame.to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
     monkeypatch.delenv("ROTTEN_TOMATOES_DIR", raising=False)
@@ -89,7 +89,7 @@ def test_hub_snapshot_with_parquet_files(rt_splits, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(tmp_path))
     splits = data.load_splits(DataConfig())
-    assert splits["train"] == rt_splits["train"][:5]
+    assert splits["train"] == rt_splits["train"][:5] + rt_splits["train"][-5:]
     assert splits["test"][0].text == FIRST_TEST_TEXT
 
 
@@ -101,8 +101,8 @@ def test_path_without_data_files(tmp_path):
 def _write_jsonl(folder: Path, train_lines: list[bytes]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_bytes(b"\n".join(train_lines) + b"\n")
-    (folder / "validation.jsonl").write_text('{"text": "fine", "label": 1}\n')
-    (folder / "test.jsonl").write_text('{"text": "dull", "label": "NEGATIVE"}\n')
+    (folder / "validation.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "flat", "label": 0}\n')
+    (folder / "test.jsonl").write_text('{"text": "dull", "label": "NEGATIVE"}\n{"text": "warm", "label": 1}\n')
 
 
 def test_jsonl_folder(tmp_path):
@@ -123,8 +123,8 @@ def test_jsonl_folder(tmp_path):
         Example("lovely", 1),
         Example("café dull", 0),
     ]
-    assert splits["validation"] == [Example("fine", 1)]
-    assert splits["test"] == [Example("dull", 0)]
+    assert splits["validation"] == [Example("fine", 1), Example("flat", 0)]
+    assert splits["test"] == [Example("dull", 0), Example("warm", 1)]
 
 
 BAD_LINES = {
@@ -148,11 +148,47 @@ def test_bad_line_names_file_line_problem_and_fix(tmp_path, problem):
     assert "data.on_bad_line=skip" in message
 
 
+GOOD_LINES = [b'{"text": "review %d", "label": %d}' % (i, i % 2) for i in range(200)]
+
+
 def test_skip_mode_counts_bad_lines(tmp_path):
-    _write_jsonl(tmp_path, [b'{"text": "a joy", "label": 1}', *BAD_LINES.values(), b'{"text": "bad", "label": 0}'])
+    _write_jsonl(tmp_path, [*GOOD_LINES[:100], *BAD_LINES.values(), *GOOD_LINES[100:]])
     dataset = data.load_dataset(DataConfig(path=str(tmp_path), on_bad_line="skip"))
-    assert dataset.splits["train"] == [Example("a joy", 1), Example("bad", 0)]
+    assert [e.text for e in dataset.splits["train"]] == [f"review {i}" for i in range(200)]
     assert dataset.skipped == {"train": len(BAD_LINES), "validation": 0, "test": 0}
+
+
+def test_skip_mode_refuses_a_file_that_is_mostly_bad_lines(tmp_path):
+    _write_jsonl(tmp_path, [*GOOD_LINES[:20], *(list(BAD_LINES.values()) * 3)])
+    with pytest.raises(DataError, match=r"18 of 38 lines of the train split .*train\.jsonl.* are not reviews"):
+        data.load_dataset(DataConfig(path=str(tmp_path), on_bad_line="skip"))
+
+
+def test_random_bytes_are_not_reviews_even_when_skipping(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("rt-polarity.pos", "rt-polarity.neg"):
+        (tmp_path / name).write_bytes(rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match="not text"):
+        data.load_splits(DataConfig(path=str(tmp_path)))
+    with pytest.raises(DataError, match="are not reviews"):
+        data.load_splits(DataConfig(path=str(tmp_path), on_bad_line="skip"))
+
+
+def test_a_missing_class_is_an_error_naming_the_file(rt_dir, tmp_path):
+    (tmp_path / "rt-polarity.neg").write_bytes((rt_dir / "rt-polarity.neg").read_bytes())
+    (tmp_path / "rt-polarity.pos").write_bytes(b"")
+    with pytest.raises(DataError, match=r"no Positive examples \(from .*rt-polarity\.pos"):
+        data.load_splits(DataConfig(path=str(tmp_path)))
+
+
+def test_stratified_indices_keep_class_shares_and_order():
+    labels = [1] * 50 + [0] * 50  # the Cornell order: every first row Positive
+    keep = data.stratified_indices(labels, 10, seed=0)
+    assert len(keep) == 10 and keep == sorted(keep)
+    assert sum(labels[i] for i in keep) == 5
+    assert data.stratified_indices(labels, 10, seed=0) == keep
+    assert data.stratified_indices(labels, 10, seed=1) != keep
+    assert data.stratified_indices(labels, 500, seed=0) == list(range(100))
 
 
 def test_bool_and_out_of_range_labels_are_unknown(tmp_path):
@@ -163,8 +199,8 @@ def test_bool_and_out_of_range_labels_are_unknown(tmp_path):
 
 
 def test_cornell_empty_line_does_not_shift_splits(tmp_path):
-    pos = [f"good {i}" for i in range(10)]
-    neg = [f"bad {i}" for i in range(10)]
+    pos = [f"good {i}" for i in range(40)]
+    neg = [f"bad {i}" for i in range(40)]
     neg[3] = "   "
     (tmp_path / "rt-polarity.pos").write_text("\n".join(pos) + "\n", encoding="latin-1")
     (tmp_path / "rt-polarity.neg").write_text("\n".join(neg) + "\n", encoding="latin-1")
@@ -172,7 +208,8 @@ def test_cornell_empty_line_does_not_shift_splits(tmp_path):
         data.load_splits(DataConfig(path=str(tmp_path)))
     dataset = data.load_dataset(DataConfig(path=str(tmp_path), on_bad_line="skip"))
     assert dataset.skipped == {"train": 1, "validation": 0, "test": 0}
-    assert [e.text for e in dataset.splits["validation"]] == ["good 8", "bad 8"]
+    assert [e.text for e in dataset.splits["validation"]] == [f"good {i}" for i in range(32, 36)] + [
+        f"bad {i}" for i in range(32, 36)]
 
 
 # ---------------------------------------------------------------- sampling and prompts

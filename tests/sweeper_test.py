@@ -111,10 +111,26 @@ def test_rerunning_a_sweep_skips_every_finished_trial(quick_sweep, sweeper_env):
     assert result.returncode == 0, explain(result)
     assert "4 trials: 0 finished, 0 failed, 0 diverged, 4 skipped" in result.stdout, explain(result)
     _, parents, children = read_runs(folder)
-    assert len(children) == 4  # nothing new trained
     assert len(parents) == 2
     latest = max(parents, key=lambda r: r.info.start_time)
     assert latest.data.metrics["trials_skipped"] == 4
+    # Nothing new trained: the new sweep's children link to the first sweep's runs, copying nothing.
+    trained = [r for r in children if "sweeper.linked_run_id" not in r.data.tags]
+    links = [r for r in children if r.data.tags["mlflow.parentRunId"] == latest.info.run_id]
+    assert len(trained) == 4 and len(links) == 4
+    assert {r.data.tags["sweeper.linked_run_id"] for r in links} == {r.info.run_id for r in trained}
+    assert all(r.data.tags["sweeper.status"] == "skipped" and not r.data.metrics for r in links)
+    # ... and the export of the latest sweep has all four trials, with their numbers.
+    export = subprocess.run(
+        [sys.executable, "-m", "sweeper.results", "--out", str(folder / "export")],
+        cwd=REPO, env={**sweeper_env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert export.returncode == 0, explain(export)
+    import pandas as pd
+
+    table = pd.read_csv(folder / "export" / "quick_cpu" / "trials.csv")
+    assert len(table) == 4 and table["test_accuracy"].notna().all(), table
 
 
 def test_a_failing_trial_is_recorded_and_the_others_finish(sweeper_env, tmp_path):
@@ -208,7 +224,9 @@ def test_rerunning_a_vectorized_sweep_skips_every_finished_trial(vectorized_swee
     assert result.returncode == 0, explain(result)
     assert "4 trials: 0 finished, 0 failed, 0 diverged, 4 skipped" in result.stdout, explain(result)
     assert "vectorised group" not in result.stdout
-    assert len(read_runs(folder)[2]) == 4
+    children = read_runs(folder)[2]
+    assert len(children) == 8  # 4 trained, and 4 links to them under the new parent
+    assert sum("sweeper.linked_run_id" in r.data.tags for r in children) == 4
 
 
 def test_a_vectorized_sweep_records_failed_and_diverged_trials_one_by_one(sweeper_env, tmp_path):

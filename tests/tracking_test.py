@@ -70,16 +70,32 @@ def test_default_store_is_mlflow_db_in_the_launch_directory(tmp_path, monkeypatc
     assert tracking.resolve_uri(None, tmp_path) == "http://other:5000"
 
 
-def test_step_metrics_go_in_batches():
+def test_step_metrics_go_in_batches(tmp_path):
+    from sweeper.outbox import Outbox
+
     calls = []
-    client = SimpleNamespace(log_batch=lambda run_id, metrics: calls.append(list(metrics)))
-    logger = tracking.StepLogger(client, "run", every=3)
+    client = SimpleNamespace(log_batch=lambda run_id, metrics, params, tags: calls.append(list(metrics)))
+    box = Outbox(tmp_path, "sqlite:///unused.db", window=0, client=client)
+    logger = tracking.StepLogger(box, "run", every=3)
     for step in range(1, 8):
         logger(SimpleNamespace(step=step, loss=1.0, learning_rate=0.1, grad_norm=0.5, tokens_per_second=9.0, tokens_seen=step))
     logger.flush()
     assert [len(batch) for batch in calls] == [15, 15, 5]  # 5 metrics a step: steps 1-3, 4-6, 7
     assert {m.key for m in calls[0]} == set(tracking.STEP_KEYS)
     assert sorted({m.step for m in calls[1]}) == [4, 5, 6]
+    assert box.unsent == 0
+
+
+def test_a_resumed_run_does_not_log_its_steps_twice(tmp_path):
+    from sweeper.outbox import Outbox
+
+    calls = []
+    client = SimpleNamespace(log_batch=lambda run_id, metrics, params, tags: calls.append(list(metrics)))
+    logger = tracking.StepLogger(Outbox(tmp_path, "sqlite:///unused.db", 0, client=client), "run", every=2, after_step=4)
+    for step in range(1, 9):
+        logger(SimpleNamespace(step=step, loss=1.0, learning_rate=0.1, grad_norm=0.5, tokens_per_second=9.0, tokens_seen=step))
+    logger.flush()
+    assert sorted({m.step for batch in calls for m in batch}) == [5, 6, 7, 8]
 
 
 def test_unreachable_server_error_names_the_uri():
@@ -189,3 +205,31 @@ def test_parallel_sweep_through_a_tracking_server(sweeper_env, tmp_path):
             assert {"test_accuracy", "validation_accuracy", "loss"} <= metrics
             listed = rest(url, f"/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
             assert "config.yaml" in {f["path"] for f in listed.get("files", [])}
+
+
+def _run(status="RUNNING", host=None, pid=None, beat=None, start=0.0):
+    tags = {}
+    if host is not None:
+        tags["sweeper.host"] = host
+    if pid is not None:
+        tags["sweeper.pid"] = str(pid)
+    if beat is not None:
+        tags["sweeper.heartbeat"] = str(beat)
+    return SimpleNamespace(info=SimpleNamespace(status=status, start_time=start * 1000), data=SimpleNamespace(tags=tags))
+
+
+def test_a_run_is_stale_when_its_process_is_gone_or_its_heartbeat_is_old():
+    import os
+    import socket
+
+    from sweeper.liveness import is_stale
+
+    here, now = socket.gethostname(), 10_000.0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    assert is_stale(_run(host=here, pid=dead_pid, beat=now), stale_after=180, now=now)  # gone: at once
+    assert not is_stale(_run(host=here, pid=os.getpid(), beat=now - 100), stale_after=180, now=now)
+    assert not is_stale(_run(host="another-host", pid=dead_pid, beat=now - 100), stale_after=180, now=now)
+    assert is_stale(_run(host="another-host", pid=dead_pid, beat=now - 200), stale_after=180, now=now)
+    assert is_stale(_run(start=now - 500), stale_after=180, now=now)  # no heartbeat: its start time
+    assert not is_stale(_run(status="FINISHED", start=0), stale_after=180, now=now)

@@ -39,8 +39,11 @@ def test_a_trial_trains_evaluates_before_and_after_and_writes_predictions(tmp_pa
     assert len(lines) == 24
     first = json.loads(lines[0])
     assert set(first) >= {"prompt", "output", "label", "correct"}
-    assert first["prompt"].startswith("[Text]: lovingly photographed") and first["prompt"].endswith("\n[Sentiment]:")
-    assert first["label"] == "Positive" and first["output"] in ("Positive", "Negative")
+    assert first["prompt"].startswith("[Text]: ") and first["prompt"].endswith("\n[Sentiment]:")
+    assert first["output"] in ("Positive", "Negative")
+    # eval.max_examples=24: a seeded class-stratified subset, not the first 24 (all Positive) rows.
+    records = [json.loads(line) for line in lines]
+    assert sum(r["label"] == "Positive" for r in records) == 12
     assert first["correct"] == (first["output"] == first["label"])
     report = result.reports["test"]
     assert sum(map(sum, report.confusion)) == 24

@@ -37,7 +37,13 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from trainer import interrupt
+
+    interrupt.install()  # SIGTERM / Ctrl-C: the train state is checkpointed at the next step boundary
     try:
         main()
+    except KeyboardInterrupt as error:
+        print(f"stopped ({error}); run the same command again to resume from the checkpoint", file=sys.stderr)
+        sys.exit(interrupt.exit_code(error))
     finally:
         gc.freeze()  # spares the interpreter's last collection a walk over every object (~1 s)

@@ -71,11 +71,12 @@ def search_c(c_grid: Sequence[float], train_X, train_y, validation_X, validation
 
 def evaluate_examples(
     split: str, model, vectorizer, examples: Sequence[data_lib.Example], max_examples: int | None,
-    predictions_path: Path | None,
+    predictions_path: Path | None, seed: int = 0,
 ) -> EvalReport:
-    """The first max_examples of a split (all when None), as `evaluate_split` takes them."""
+    """A seeded stratified subset of max_examples of a split (all when None), as `evaluate_split` takes them."""
     if max_examples is not None:
-        examples = examples[:max_examples]
+        keep = data_lib.stratified_indices([e.label for e in examples], max_examples, seed)
+        examples = [examples[i] for i in keep]
     labels = np.asarray([e.label for e in examples], dtype=np.int32)
     # Columns in label order whatever order the model stores its classes in.
     log_probs = model.predict_log_proba(vectorizer.transform([e.text for e in examples]))
@@ -150,7 +151,7 @@ def run_baseline_trial(cfg: TrialConfig, callback: Callable | None = None) -> Tr
     reports: dict[str, EvalReport] = {}
     for split in cfg.eval.splits:
         path = output_dir / f"predictions_{split}.jsonl" if cfg.eval.predictions else None
-        reports[split] = evaluate_examples(split, model, vectorizer, splits[split], cfg.eval.max_examples, path)
+        reports[split] = evaluate_examples(split, model, vectorizer, splits[split], cfg.eval.max_examples, path, cfg.seed)
         if path is not None:
             artifacts[f"predictions_{split}"] = str(path)
     eval_seconds = time.perf_counter() - t0

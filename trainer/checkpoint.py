@@ -90,8 +90,14 @@ def read_hf_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found; a Hugging Face checkpoint folder needs config.json")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); restore the file from the checkpoint's source") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} holds a {type(values).__name__}, not a JSON object of model settings")
+    return values
 
 
 def model_config_from_hf(folder: str | Path) -> dict:
@@ -203,11 +209,20 @@ def _tensor_readers(folder: str | Path) -> Iterator[dict[str, Callable[[], np.nd
             )
 
 
+def _damaged(path: Path, error: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is damaged or incomplete ({type(error).__name__}: {error}); download or copy it again"
+    )
+
+
 def _safetensors_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
-    with safe_open(path, framework="numpy") as f:
-        return list(f.keys())
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return list(f.keys())
+    except Exception as error:  # SafetensorError: a bad header, a file cut short
+        raise _damaged(path, error) from None
 
 
 def _safetensors_readers(files: dict[str, Path], stack: contextlib.ExitStack):
@@ -223,8 +238,11 @@ def _safetensors_readers(files: dict[str, Path], stack: contextlib.ExitStack):
 
     def reader(name: str, path: Path) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:
-            with jax.default_device(jax.devices("cpu")[0]):
-                return np.asarray(handle(path).get_tensor(name))
+            try:
+                with jax.default_device(jax.devices("cpu")[0]):
+                    return np.asarray(handle(path).get_tensor(name))
+            except Exception as error:  # a tensor whose bytes lie past the end of a cut-short file
+                raise _damaged(path, error) from None
 
         return read
 

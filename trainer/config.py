@@ -109,6 +109,18 @@ class TrainConfig:
     # Keep XLA's compiled programs in <data.cache_dir>/xla, so a later process (a repeated or
     # resumed sweep, a joblib worker) loads them instead of compiling again.
     compilation_cache: bool = True
+    # Preemption-safe trials (trainer/resume.py): the train state is saved with Orbax every N
+    # steps and/or minutes (0: never) and when SIGTERM/SIGINT arrives, in
+    # <checkpoint_dir>/<the trial's config digest>; the next run of the same trial resumes from it.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 10.0
+    checkpoint_dir: Optional[str] = None  # None: <data.cache_dir>/checkpoints
+    keep_checkpoint: bool = False  # false: a trial's checkpoints are deleted once it ends
+    resume: bool = True  # start from this trial's latest checkpoint when there is one
+    # The tuned model as a Hugging Face folder in <output_dir>/model (trainer/export.py): none; best
+    # (a sweep keeps only its best trial's, by validation accuracy; a single trial keeps its own); all.
+    save_model: str = "best"
+    save_adapter: bool = True  # LoRA: the adapters alone too, in PEFT's layout (<output_dir>/model/adapter)
 
 
 @dataclass
@@ -122,8 +134,14 @@ class EvalConfig:
     # score mode: the candidate's likelihood includes the EOS after the label. A pretrained model
     # that was never taught to end there gives EOS noise; false scores the label tokens alone.
     score_eos: bool = True
-    max_examples: Optional[int] = None  # evaluate only the first N of each split
+    # Evaluate a seeded, class-stratified subset of N examples of each split (None: all of it).
+    max_examples: Optional[int] = None
     predictions: bool = True  # write predictions JSONL into output_dir
+    # Validation accuracy while training, every N steps (0: never), on a seeded class-stratified
+    # subset of `every_examples` validation examples (trainer/periodic_eval.py); what a search's
+    # pruner reads (hydra/sweeper=optuna).
+    every_steps: int = 0
+    every_examples: int = 256
 
 
 @dataclass
@@ -167,6 +185,7 @@ def validate(cfg: TrialConfig) -> None:
         f"lr={cfg.lr} must be a finite number >= 0; use e.g. lr=2e-4",
     )
     _check(cfg.warmup >= 0, f"warmup={cfg.warmup} must be >= 0 steps; use e.g. warmup=184")
+    _check(0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32); use e.g. seed=0")
     o = cfg.optim
     for name in ("b1", "b2"):
         value = getattr(o, name)
@@ -196,6 +215,15 @@ def validate(cfg: TrialConfig) -> None:
         f"train.total_steps={t.total_steps} must be > 0, or null to train for train.epochs",
     )
     _check(t.total_steps is not None or t.epochs > 0, f"train.epochs={t.epochs} must be > 0")
+    _check(
+        t.checkpoint_every_steps >= 0 and t.checkpoint_every_minutes >= 0,
+        f"train.checkpoint_every_steps={t.checkpoint_every_steps} and train.checkpoint_every_minutes="
+        f"{t.checkpoint_every_minutes} must be >= 0 (0: never)",
+    )
+    _check(
+        t.save_model in ("none", "best", "all"),
+        f"train.save_model={t.save_model!r}: expected none, best or all; use e.g. train.save_model=none to save nothing",
+    )
     _check(len(t.mesh) == 3, f"train.mesh={list(t.mesh)} needs three sizes dp,fsdp,mp, e.g. train.mesh=[1,4,2]")
     d = cfg.data
     _check(d.loss_on in ("all", "answer"), f"data.loss_on={d.loss_on!r}: expected 'all' or 'answer'")
@@ -203,7 +231,15 @@ def validate(cfg: TrialConfig) -> None:
     _check(d.seq_len >= 16, f"data.seq_len={d.seq_len} is too short for a review; use e.g. data.seq_len=128")
     e = cfg.eval
     _check(e.mode in ("score", "generate"), f"eval.mode={e.mode!r}: expected 'score' or 'generate'")
+    _check(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be > 0; use e.g. eval.batch_size=64")
+    _check(
+        e.max_examples is None or e.max_examples > 0,
+        f"eval.max_examples={e.max_examples} must be > 0, or null to evaluate whole splits",
+    )
+    _check(e.max_new_tokens > 0, f"eval.max_new_tokens={e.max_new_tokens} must be > 0")
     _check(e.temperature >= 0.0, f"eval.temperature={e.temperature} must be >= 0 (0 is greedy)")
+    _check(e.every_steps >= 0, f"eval.every_steps={e.every_steps} must be >= 0 (0: no validation while training)")
+    _check(e.every_examples > 0, f"eval.every_examples={e.every_examples} must be > 0; use e.g. eval.every_examples=256")
     for split in e.splits:
         _check(split in ("test", "validation", "train"), f"eval.splits has {split!r}: expected test, validation or train")
     m = cfg.model

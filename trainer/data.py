@@ -26,6 +26,10 @@ _CORNELL_FILES = {1: "rt-polarity.pos", 0: "rt-polarity.neg"}  # positives first
 _LABELS_BY_NAME = {"negative": 0, "positive": 1}
 # Kept from the end of an over-long prompt, so the "\n[Sentiment]:" cue survives truncation.
 PROMPT_TAIL_TOKENS = 8
+# A line is not review text when more than this share of its characters are control characters.
+MAX_CONTROL_SHARE = 0.1
+# With data.on_bad_line=skip, a split where more than this share of lines is bad is not the data.
+MAX_SKIPPED_SHARE = 0.05
 
 
 class DataError(ValueError):
@@ -119,8 +123,42 @@ def _load_folder(folder: Path, on_bad_line: str, origin: str) -> _Parsed:
         digest.update(contents[key])
     memo_key = (digest.hexdigest(), on_bad_line)
     if memo_key not in _PARSED:
-        _PARSED[memo_key] = reader(files, contents, on_bad_line)
+        parsed = reader(files, contents, on_bad_line)
+        _check_parsed(*parsed, files, data_format)
+        _PARSED[memo_key] = parsed
     return _PARSED[memo_key]
+
+
+def text_problem(text: str) -> str | None:
+    """Why `text` is not a review ("empty review", "not text: ..."), or None."""
+    if not text:
+        return "empty review"
+    control = sum(1 for ch in text if (ord(ch) < 32 and ch != "\t") or 127 <= ord(ch) < 160)
+    if control > MAX_CONTROL_SHARE * len(text):
+        return f"not text ({control} of {len(text)} characters are control characters)"
+    return None
+
+
+def _check_parsed(splits: dict[str, list[Example]], skipped: dict[str, int], files: dict, data_format: str) -> None:
+    """Stop on data that would train and score without error but mean nothing: a split that is
+    mostly bad lines (skipped), or a split without one of the two classes."""
+    for split in SPLITS:
+        kept, bad = len(splits[split]), skipped[split]
+        if bad and bad > MAX_SKIPPED_SHARE * (kept + bad):
+            where = ", ".join(str(p) for p in files.values()) if data_format == "cornell" else str(files[split])
+            raise DataError(
+                f"{bad} of {kept + bad} lines of the {split} split ({where}) are not reviews and were skipped "
+                f"(data.on_bad_line=skip allows at most {MAX_SKIPPED_SHARE:.0%}); this does not look like the "
+                "data: check the file, or set data.on_bad_line=error to see the first bad line"
+            )
+        present = {e.label for e in splits[split]}
+        for label, name in enumerate(LABEL_NAMES):
+            if label not in present:
+                where = files[label] if data_format == "cornell" else files[split]
+                raise DataError(
+                    f"the {split} split has no {name} examples (from {where}: is the file empty or cut short?); "
+                    "accuracy on one class means nothing. Point data.path at the complete data"
+                )
 
 
 def _bad_line(path: Path, line_number: int, problem: str) -> DataError:
@@ -144,10 +182,11 @@ def _read_cornell(files: dict[int, Path], contents: dict[int, bytes], on_bad_lin
         for split, (start, stop) in bounds.items():
             for index in range(start, stop):
                 text = lines[index].decode("latin-1").strip()
-                if not text:
+                problem = text_problem(text)
+                if problem:
                     # Dropped after the index split, so one bad line never shifts the others.
                     if on_bad_line == "error":
-                        raise _bad_line(files[label], index + 1, "empty review")
+                        raise _bad_line(files[label], index + 1, problem)
                     skipped[split] += 1
                     continue
                 splits[split].append(Example(text, label))
@@ -196,6 +235,9 @@ def _parse_record(record: Any) -> Example:
         raise ValueError(f'"text" must be a string, got {type(text).__name__}')
     if not text.strip():
         raise ValueError('empty "text"')
+    problem = text_problem(text.strip())
+    if problem:
+        raise ValueError(f'"text" is {problem}')
     if isinstance(label, str) and label.strip().lower() in _LABELS_BY_NAME:
         label = _LABELS_BY_NAME[label.strip().lower()]
     elif isinstance(label, (int, np.integer)) and not isinstance(label, bool) and int(label) in (0, 1):
@@ -243,22 +285,30 @@ def sample_ratio(examples: Sequence[Example], ratio: float, seed: int) -> list[E
     if ratio == 1.0:
         return list(examples)
     total = int(ratio * len(examples) + 0.5)
+    return [examples[index] for index in stratified_indices([e.label for e in examples], total, seed)]
+
+
+def stratified_indices(labels: Sequence[int], total: int, seed: int) -> list[int]:
+    """`total` of the indices of `labels` (all, if fewer), drawn with `seed`, each class in its
+    original proportion (largest remainder), in their original order."""
+    if total >= len(labels):
+        return list(range(len(labels)))
     by_label: dict[int, list[int]] = {}
-    for index, example in enumerate(examples):
-        by_label.setdefault(example.label, []).append(index)
-    labels = sorted(by_label)
+    for index, label in enumerate(labels):
+        by_label.setdefault(int(label), []).append(index)
+    classes = sorted(by_label)
     # Largest remainder: floor each class's exact share, then hand out the rest by largest fraction.
-    shares = {label: total * len(by_label[label]) / len(examples) for label in labels}
-    counts = {label: math.floor(shares[label]) for label in labels}
-    by_fraction = sorted(labels, key=lambda label: (-(shares[label] - counts[label]), label))
+    shares = {label: total * len(by_label[label]) / len(labels) for label in classes}
+    counts = {label: math.floor(shares[label]) for label in classes}
+    by_fraction = sorted(classes, key=lambda label: (-(shares[label] - counts[label]), label))
     for label in by_fraction[: total - sum(counts.values())]:
         counts[label] += 1
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
-    for label in labels:
+    for label in classes:
         indices = np.asarray(by_label[label])
         chosen.extend(rng.permutation(indices)[: counts[label]].tolist())
-    return [examples[index] for index in sorted(chosen)]
+    return sorted(chosen)
 
 
 def prompt_text(review: str) -> str:
@@ -327,9 +377,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Tokenizer, cache_d
     if key in _TOKENIZED:
         return _TOKENIZED[key]
     path = expand_cache_dir(cache_dir) / "tokenized" / f"{key}.npz"
-    if path.is_file():
-        tokenized = _load_tokenized(path)
-    else:
+    tokenized = _load_tokenized(path) if path.is_file() else None
+    if tokenized is None or len(tokenized.labels) != len(examples):
         prompts = tokenizer.encode_batch([prompt_text(example.text) for example in examples])
         start = [tokenizer.bos_id] if tokenizer.add_bos else []
         candidates = [np.asarray(answer_ids(tokenizer, label), dtype=np.int32) for label in range(len(LABEL_NAMES))]
@@ -367,13 +416,20 @@ def _save_tokenized(path: Path, tokenized: TokenizedSplit) -> None:
     os.replace(tmp, path)
 
 
-def _load_tokenized(path: Path) -> TokenizedSplit:
-    with np.load(path) as saved:
-        parts = {
-            name: _unflatten(saved[f"{name}_ids"], saved[f"{name}_offsets"])
-            for name in ("prompts", "answers", "candidate_answers")
-        }
-        return TokenizedSplit(labels=saved["labels"], **parts)
+def _load_tokenized(path: Path) -> TokenizedSplit | None:
+    """The cached token ids, or None (the file removed, with a warning) when it is damaged."""
+    try:
+        with np.load(path) as saved:
+            parts = {
+                name: _unflatten(saved[f"{name}_ids"], saved[f"{name}_offsets"])
+                for name in ("prompts", "answers", "candidate_answers")
+            }
+            return TokenizedSplit(labels=saved["labels"], **parts)
+    except Exception as error:  # cut short, overwritten, not an npz: rebuild it
+        print(f"warning: the cache file {path} is damaged ({type(error).__name__}: {error}); rebuilding it",
+              flush=True)
+        path.unlink(missing_ok=True)
+        return None
 
 
 # ---------------------------------------------------------------- packing and batches
@@ -478,8 +534,11 @@ def steps_per_epoch(rows: PackedRows, batch_size: int) -> int:
     return math.ceil(rows.num_rows / batch_size)
 
 
-def batches(rows: PackedRows, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """Endless (batch_size, seq_len) batches, rows reshuffled each epoch; a short last batch wraps around."""
+def batches(rows: PackedRows, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless (batch_size, seq_len) batches, rows reshuffled each epoch; a short last batch wraps around.
+
+    `start` skips that many batches (a resumed trial), drawing the same permutations on the way.
+    """
     if rows.num_rows == 0:
         raise ValueError("no packed rows to batch; the training split is empty")
     rng = np.random.default_rng(seed)
@@ -488,6 +547,9 @@ def batches(rows: PackedRows, batch_size: int, seed: int) -> Iterator[dict[str, 
         # np.resize repeats the permutation, filling the last batch (or a batch larger than the data).
         order = np.resize(rng.permutation(rows.num_rows), steps * batch_size)
         for step in range(steps):
+            if start > 0:
+                start -= 1
+                continue
             take = order[step * batch_size : (step + 1) * batch_size]
             yield {key: getattr(rows, key)[take] for key in _BATCH_KEYS}
 

@@ -4,6 +4,8 @@
 prompt: deterministic. `generate` samples a short answer at `temperature` (0 is greedy), one
 prefill over the prompts then one KV-cached decode step per token, and parses it; an answer that
 is neither label is invalid and counts as wrong.
+
+`python -m trainer.evaluate model.checkpoint=<folder> ...` evaluates a saved model (trainer/rescore.py).
 """
 
 from __future__ import annotations
@@ -244,11 +246,18 @@ def evaluate_split(
     prompt_texts: Optional[Sequence[str]] = None,
     predictions_path: Optional[Path] = None,
 ) -> EvalReport:
-    """Evaluate one tokenized split; optionally write predictions JSONL."""
+    """Evaluate one tokenized split (eval.max_examples: a seeded stratified subset of it); optionally
+    write predictions JSONL."""
     prompts = list(tokenized.prompts)
     labels = np.asarray(tokenized.labels)
     if eval_cfg.max_examples is not None:
-        prompts, labels = prompts[: eval_cfg.max_examples], labels[: eval_cfg.max_examples]
+        # A seeded class-stratified subset: the first N rows of a split can be all one class.
+        from trainer.data import stratified_indices
+
+        keep = stratified_indices(labels.tolist(), eval_cfg.max_examples, seed)
+        prompts, labels = [prompts[i] for i in keep], labels[keep]
+        if prompt_texts is not None:
+            prompt_texts = [prompt_texts[i] for i in keep]
     scores = None
     if eval_cfg.mode == "score":
         scores = score_candidates(
@@ -288,3 +297,9 @@ def evaluate_split(
 
 def _until_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+if __name__ == "__main__":  # python -m trainer.evaluate model.checkpoint=<folder> ...: see trainer/rescore.py
+    from trainer.rescore import main
+
+    main()

@@ -64,4 +64,6 @@ def format_summary(result) -> str:
         lines.append("time: " + ", ".join(times))
     for name, path in result.artifacts.items():
         lines.append(f"{name}: {path}")
+    if getattr(result, "model_dir", None):
+        lines.append(f"model: {result.model_dir} (a Hugging Face folder: model.checkpoint=<it> re-evaluates it)")
     return "\n".join(lines)

@@ -211,7 +211,12 @@ def _trained_bpe(train_texts: Sequence[str], vocab_size: int, folder: Path) -> T
         raise ValueError("cannot train a tokenizer on no texts; pass the formatted train split")
     path = folder / f"bpe-{vocab_size}-{bpe_cache_key(train_texts, vocab_size)[:20]}.model"
     if path.is_file():
-        return SentencePieceTokenizer.from_file(path)
+        try:
+            return SentencePieceTokenizer.from_file(path)
+        except Exception as error:  # damaged in the cache: train it again
+            print(f"warning: the cached tokenizer {path} is damaged ({type(error).__name__}: {error}); "
+                  "training it again", flush=True)
+            path.unlink(missing_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(train_texts),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from trainer import interrupt
 from trainer.model import Llama, gather_positions, head_losses
 from trainer.optim import Hyperparams, Optimizer
 
@@ -181,7 +182,7 @@ class StepRecord:
 @dataclass
 class TrainOutcome:
     state: Optional[TrainState]  # None for a trial of a vectorised group (trainer/vectorized.py)
-    status: str  # "finished" | "diverged"
+    status: str  # "finished" | "diverged" | "pruned" (stopped by the `evaluate` hook)
     steps_done: int
     history: list[StepRecord] = field(default_factory=list)
     message: str = ""
@@ -197,24 +198,35 @@ def train_loop(
     *,
     put_batch: Callable[[Batch], Batch] = lambda b: b,
     callback: Optional[Callable[[StepRecord], None]] = None,
+    start_step: int = 0,
+    checkpoints: Any = None,
+    history: Optional[list[StepRecord]] = None,
+    evaluate: Optional[Callable[[int, TrainState], Optional[str]]] = None,
+    evaluate_every: int = 0,
 ) -> TrainOutcome:
-    """Run `total_steps` updates; stop early with status "diverged" on a non-finite loss.
+    """Run updates start_step+1..total_steps; stop early with status "diverged" on a non-finite loss.
+
+    `evaluate(step, state)` runs after every `evaluate_every`-th step but the last (trainer/periodic_eval.py);
+    when it returns a reason, training stops there with status "pruned" and that message.
 
     Metrics are read one step late so the host never waits on the step it just launched.
+    `checkpoints` (trainer.resume.TrialCheckpoints) saves the state when due and when SIGTERM or
+    SIGINT arrives; the signal is then raised (trainer.interrupt) between two steps.
     """
-    history: list[StepRecord] = []
+    history = list(history or [])
     pending: Optional[tuple[int, dict]] = None
     compile_seconds = 0.0
     start = time.perf_counter()
     last_time = start
-    next_batch = put_batch(next(batches))
+    first_step = start_step + 1
+    next_batch = put_batch(next(batches)) if first_step <= total_steps else None
 
     def settle(record_step: int, metrics: dict) -> StepRecord:
         nonlocal last_time
         values = jax.device_get(metrics)
         now = time.perf_counter()
-        # Step 1's time is its compilation plus its run.
-        elapsed = compile_seconds if record_step == 1 else max(now - last_time, 1e-9)
+        # The first step's time is its compilation plus its run.
+        elapsed = compile_seconds if record_step == first_step else max(now - last_time, 1e-9)
         last_time = now
         record = StepRecord.from_metrics(record_step, values, elapsed)
         history.append(record)
@@ -222,23 +234,47 @@ def train_loop(
             callback(record)
         return record
 
-    for step in range(1, total_steps + 1):
-        batch = next_batch
-        launched = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        if step == 1:
-            # The first call compiles; time it apart from training throughput.
-            jax.block_until_ready(metrics["loss"])
-            compile_seconds = time.perf_counter() - launched
-            last_time = time.perf_counter()
-            start = last_time
-        if step < total_steps:
-            next_batch = put_batch(next(batches))  # prepared while the step runs
-        if pending is not None:
-            record = settle(*pending)
-            if not math.isfinite(record.loss):
-                return _diverged(state, record, history, compile_seconds, start)
-        pending = (step, metrics)
+    with interrupt.deferred():
+        for step in range(first_step, total_steps + 1):
+            batch = next_batch
+            launched = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            if step == first_step:
+                # The first call compiles; time it apart from training throughput.
+                jax.block_until_ready(metrics["loss"])
+                compile_seconds = time.perf_counter() - launched
+                last_time = time.perf_counter()
+                start = last_time
+            if step < total_steps:
+                next_batch = put_batch(next(batches))  # prepared while the step runs
+            if pending is not None:
+                record = settle(*pending)
+                if not math.isfinite(record.loss):
+                    return _diverged(state, record, history, compile_seconds, start)
+            pending = (step, metrics)
+            stopping = interrupt.requested() is not None
+            if checkpoints is not None and (stopping or (step < total_steps and checkpoints.due(step))):
+                record = settle(*pending)  # the saved step's record is sent before the process may end
+                pending = None
+                if not math.isfinite(record.loss):
+                    return _diverged(state, record, history, compile_seconds, start)
+                checkpoints.save(step, state, record)
+            if evaluate is not None and evaluate_every > 0 and step % evaluate_every == 0 and step < total_steps:
+                if pending is not None:
+                    record = settle(*pending)
+                    pending = None
+                    if not math.isfinite(record.loss):
+                        return _diverged(state, record, history, compile_seconds, start)
+                evaluated = time.perf_counter()
+                reason = evaluate(step, state)
+                last_time = time.perf_counter()
+                start += last_time - evaluated  # train_seconds counts training only
+                if reason:
+                    return TrainOutcome(
+                        state=state, status="pruned", steps_done=step, history=history, message=reason,
+                        compile_seconds=compile_seconds, train_seconds=last_time - start,
+                    )
+            interrupt.check()
     record = settle(*pending) if pending is not None else None
     if record is not None and not math.isfinite(record.loss):
         return _diverged(state, record, history, compile_seconds, start)

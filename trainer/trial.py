@@ -29,8 +29,11 @@ from trainer import finetune
 from trainer import sharding as sharding_lib
 from trainer.config import TrialConfig, to_trial_config, validate
 from trainer.evaluate import EvalReport, evaluate_split
+from trainer.export import save_trial_model
 from trainer.model import Llama, LlamaShape, init_model
 from trainer.optim import Hyperparams, Optimizer
+from trainer.periodic_eval import EvalHook, EvalRecord, PeriodicEvaluation
+from trainer.resume import TrialCheckpoints
 from trainer.tokenizer import Tokenizer, load_tokenizer
 from trainer.train import (
     StepRecord, TrainOutcome, TrainState, all_params, create_state, make_train_step, max_loss_positions,
@@ -40,12 +43,14 @@ from trainer.train import (
 
 @dataclass
 class TrialResult:
-    status: str  # finished | diverged
+    status: str  # finished | diverged | pruned (stopped by run_trial's on_eval hook)
     metrics: dict[str, float]
     message: str = ""
     reports: dict[str, EvalReport] = field(default_factory=dict)  # "test", "before/test", ...
     history: list[StepRecord] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> path
+    evaluations: list[EvalRecord] = field(default_factory=list)  # validation while training (eval.every_steps)
+    model_dir: Optional[str] = None  # the saved Hugging Face folder (train.save_model; trainer/export.py)
 
 
 def enable_compilation_cache(cfg: TrialConfig) -> None:
@@ -116,12 +121,18 @@ class TrialData:
     rows: data_lib.PackedRows
     eval_sets: dict[str, data_lib.TokenizedSplit]
     seconds: float
+    skipped_lines: int = 0  # bad lines left out under data.on_bad_line=skip
 
 
 def prepare_data(cfg: TrialConfig) -> TrialData:
     """Load, subset (ratio, seed), tokenize and pack; the memoised steps make a repeat cheap."""
     t0 = time.perf_counter()
-    splits = data_lib.load_splits(cfg.data)
+    dataset = data_lib.load_dataset(cfg.data)
+    splits = dataset.splits
+    skipped = sum(dataset.skipped.values())
+    if skipped:
+        print(f"data: skipped {skipped} bad line(s) ({', '.join(f'{k} {v}' for k, v in dataset.skipped.items() if v)}) "
+              f"of {dataset.source} (data.on_bad_line=skip)", flush=True)
     train_examples = data_lib.sample_ratio(splits["train"], cfg.ratio, cfg.seed)
     tokenizer = get_tokenizer(cfg, splits["train"])
     cache_dir = cfg.data.cache_dir  # expanded where it is used (tokenizer.expand_cache_dir)
@@ -130,7 +141,7 @@ def prepare_data(cfg: TrialConfig) -> TrialData:
     eval_sets = {
         split: data_lib.tokenize_examples(splits[split], tokenizer, cache_dir) for split in cfg.eval.splits
     }
-    return TrialData(splits, tokenizer, rows, eval_sets, time.perf_counter() - t0)
+    return TrialData(splits, tokenizer, rows, eval_sets, time.perf_counter() - t0, skipped)
 
 
 def load_model(cfg: TrialConfig, tokenizer: Tokenizer) -> tuple[LlamaShape, nnx.GraphDef, nnx.State]:
@@ -259,6 +270,7 @@ def trial_result(
         "train_examples": float(data.rows.num_examples),
         "train_tokens": float(history[-1].tokens_seen) if history else 0.0,
         "padding_fraction": float(data.rows.padding_fraction),
+        "data_skipped_lines": float(data.skipped_lines),
         "steps": float(outcome.steps_done),
         "total_steps": float(total_steps),
         "compile_seconds": outcome.compile_seconds,
@@ -284,8 +296,18 @@ def trial_result(
     )
 
 
-def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None) -> TrialResult:
-    """Fine-tune, evaluate before and after, and return what was measured."""
+def run_trial(
+    cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None, checkpoint_label: str = "",
+    on_eval: Optional[EvalHook] = None,
+) -> TrialResult:
+    """Fine-tune, evaluate before and after, and return what was measured.
+
+    The trial resumes from its latest checkpoint when one exists (trainer/resume.py); the
+    callback then sees only the steps after it. `checkpoint_label` is kept in the checkpoints'
+    metadata (the sweeper passes the tracking run that owns the trial). With eval.every_steps,
+    `on_eval` gets each validation measurement while training and may stop the trial
+    (trainer/periodic_eval.py).
+    """
     wall_start = time.perf_counter()
     cfg = to_trial_config(cfg)
     validate(cfg)
@@ -316,9 +338,32 @@ def run_trial(cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None)
     evaluation = Evaluation(cfg, data, graphdef)
     timings["eval_before_seconds"] = evaluation.before_training(all_params(state)) if cfg.eval.before_training else 0.0
 
-    batches = data_lib.batches(data.rows, cfg.train.batch_size, cfg.seed)
-    outcome = train_loop(step_fn, state, batches, total_steps, put_batch=put_batch, callback=callback)
+    checkpoints = TrialCheckpoints(cfg, label=checkpoint_label)
+    start_step, restored_history = 0, []
+    if cfg.train.resume:
+        state, start_step, record = checkpoints.restore(state)
+        restored_history = [StepRecord(**record)] if record else []
+    if start_step:
+        timings["resumed_from_step"] = float(start_step)
+    batches = data_lib.batches(data.rows, cfg.train.batch_size, cfg.seed, start=start_step)
+    # eval.every_steps: validation accuracy while training, each handed to on_eval (which may stop it).
+    periodic = PeriodicEvaluation(cfg, data.splits, data.tokenizer, graphdef, on_eval) if cfg.eval.every_steps else None
+    outcome = train_loop(
+        step_fn, state, batches, total_steps, put_batch=put_batch, callback=callback,
+        start_step=start_step, checkpoints=checkpoints, history=restored_history,
+        evaluate=periodic, evaluate_every=cfg.eval.every_steps,
+    )
+    checkpoints.finished()  # finished or diverged: nothing left to resume
 
     timings["eval_seconds"] = evaluation(all_params(outcome.state), "") if outcome.status == "finished" else 0.0
+    if periodic is not None:
+        timings["periodic_eval_seconds"] = sum(r.seconds for r in periodic.records)
+    t0, model_dir = time.perf_counter(), None
+    if outcome.status == "finished":
+        model_dir = save_trial_model(cfg, graphdef, all_params(outcome.state), data.tokenizer, evaluation.reports)
+    timings["save_seconds"] = time.perf_counter() - t0
     timings["wall_seconds"] = time.perf_counter() - wall_start
-    return trial_result(shape, data, outcome, total_steps, evaluation, timings)
+    result = trial_result(shape, data, outcome, total_steps, evaluation, timings)
+    result.evaluations = periodic.records if periodic is not None else []
+    result.model_dir = model_dir
+    return result

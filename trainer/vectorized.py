@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from trainer import data as data_lib
 from trainer import sharding as sharding_lib
 from trainer.config import ConfigError, TrialConfig, to_trial_config, validate
+from trainer.export import save_trial_model
 from trainer.optim import Optimizer
 from trainer.train import (
     Batch, StepRecord, TrainOutcome, TrainState, all_params, build_train_step, max_loss_positions,
@@ -299,11 +300,16 @@ def run_trials(
         replicated=replicated,
     )
 
+    model_dirs: list[Optional[str]] = [None] * len(trial_cfgs)
     for k, (outcome, timing) in enumerate(zip(outcomes, timings)):
+        timing["eval_seconds"] = timing["save_seconds"] = 0.0
         if outcome.status == "finished":
-            timing["eval_seconds"] = evaluations[k](all_params(trial_slice(stacked, k)), "")
-        else:
-            timing["eval_seconds"] = 0.0
+            params = all_params(trial_slice(stacked, k))
+            timing["eval_seconds"] = evaluations[k](params, "")
+            t0 = time.perf_counter()
+            model_dirs[k] = save_trial_model(trial_cfgs[k], evaluations[k].graphdef, params, datas[k].tokenizer,
+                                             evaluations[k].reports)
+            timing["save_seconds"] = time.perf_counter() - t0
     del stacked
     share = (time.perf_counter() - wall_start) / len(trial_cfgs)
     results = []
@@ -311,5 +317,6 @@ def run_trials(
         timing["wall_seconds"] = share
         result = trial_result(shapes[k], datas[k], outcomes[k], total_steps[k], evaluations[k], timing)
         result.metrics["vectorized_trials"] = float(len(trial_cfgs))
+        result.model_dir = model_dirs[k]
         results.append(result)
     return results
