@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweeper import expand, state
 from sweeper.config import register_configs
-from sweeper.progress import sweep_line
+from sweeper.progress import format_seconds, sweep_line
 from sweeper.tracked import TrackedTrial, run_tracked_trial  # noqa: F401  (TrackedTrial: the launchers')
 
 register_configs()
@@ -87,8 +87,11 @@ def record_outcome(job: Job, sweep: state.SweepState, outcome: state.Outcome, se
     outcome.seconds = seconds
     state.write_outcome(job.sweep_dir, outcome)
     of = f" of {sweep.num_trials}" if sweep.num_trials else ""
-    print(f"trial {job.number}{of}: {outcome.status} in {outcome.seconds:.1f}s"
-          + (f" ({outcome.message})" if outcome.message else ""), flush=True)
+    accuracy = "" if math.isnan(outcome.validation_accuracy) else (
+        f", validation {outcome.validation_accuracy:.2%}, test {outcome.test_accuracy:.2%}")
+    print(f"trial {job.number}{of}: {outcome.status} in {format_seconds(outcome.seconds)}{accuracy}"
+          + (f" ({outcome.message})" if outcome.message else "")
+          + (f"\n  time: {outcome.phases}" if outcome.phases else ""), flush=True)
     from sweeper.mlflow_model import after_trial
 
     after_trial(job.sweep_dir, sweep, outcome)  # its saved model: logged, or pruned unless the best (never raises)

@@ -9,7 +9,6 @@ a warning and goes on, so a sweep that can't start ends here with SystemExit ins
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import expand, liveness, outbox, state, tracking
+from sweeper.summary import format_summary
 
 EXIT_BAD_SWEEP = 2
 
@@ -109,14 +109,43 @@ def _preview(config: DictConfig, jobs: list[list[str]]) -> None:
     from sweeper.config import trial_config
 
     problems: list[Optional[str]] = []
-    for composed in expand.compose_jobs(config, jobs):
+    composed_jobs = expand.compose_jobs(config, jobs)
+    for composed in composed_jobs:
         try:
             validate(trial_config(composed, output_dir="preview"))
             problems.append(None)
         except ConfigError as error:
             problems.append(str(error))
-    print("\n".join(expand.preview_lines(jobs, problems)), flush=True)
+    finished = _finished_earlier(config, composed_jobs)
+    print("\n".join(expand.preview_lines(jobs, problems, finished)), flush=True)
     raise SystemExit(0)
+
+
+def _finished_earlier(config: DictConfig, composed_jobs: list[DictConfig]) -> list[Optional[str]]:
+    """For each trial, the run in which its exact config already finished (it would be skipped), or None.
+
+    Reads the store only if it exists (a preview creates nothing); any error reads as "unknown".
+    """
+    from sweeper.config import trial_dict
+
+    uri = tracking.resolve_uri(config.tracking.uri, Path(config.hydra.runtime.cwd))
+    none: list[Optional[str]] = [None] * len(composed_jobs)
+    if not config.resume or (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()):
+        return none
+    try:
+        client = tracking.MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(config.tracking.experiment)
+        if experiment is None:
+            return none
+        found = []
+        for composed in composed_jobs:
+            digest = tracking.config_hash(trial_dict(composed, output_dir=False))
+            run = tracking.find_finished(client, experiment.experiment_id, digest, diverged=not config.rerun_diverged)
+            found.append(run.info.run_id if run is not None else None)
+        return found
+    except Exception as error:  # a preview never fails on the store
+        print(f"note: could not check the store for finished trials ({type(error).__name__}: {error})", flush=True)
+        return none
 
 
 def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list[str]) -> None:
@@ -160,6 +189,7 @@ def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list
         started_at=time.time(),
         git_commit=commit,
         git_dirty=dirty,
+        name=name,
     )
     state.write_state(sweep_dir, sweep)
     _open_sweep = (sweep_dir, sweep)
@@ -179,7 +209,7 @@ def _close(sweep_dir: Path, sweep: state.SweepState, interrupted: bool = False) 
     global _exit_status, _open_sweep, _sweep_lock
     _open_sweep = None
     summary = state.read_summary(sweep_dir, sweep.num_trials, interrupted=interrupted)
-    print(format_summary(summary), flush=True)
+    print(format_summary(summary, sweep), flush=True)
     if interrupted:
         print("the sweep stopped before its end; run the same command again to resume it", file=sys.stderr, flush=True)
     _exit_status = 1 if summary.failed or interrupted else 0
@@ -200,29 +230,6 @@ def _close(sweep_dir: Path, sweep: state.SweepState, interrupted: bool = False) 
         _sweep_lock = None
 
 
-def format_summary(summary: state.Summary) -> str:
-    def number(value: float, digits: int) -> str:
-        return "-" if math.isnan(value) else f"{value:.{digits}f}"
-
-    lines = [f"{'trial':>5}  {'status':<8}  {'val_acc':>7}  {'test_acc':>8}  {'compile':>7}  {'seconds':>7}  overrides  run"]
-    for o in summary.outcomes:
-        line = (
-            f"{o.trial:>5}  {o.status:<8}  {number(o.validation_accuracy, 4):>7}  {number(o.test_accuracy, 4):>8}  "
-            f"{number(o.compile_seconds, 1):>7}  {o.seconds:7.1f}  {o.name}  {o.run_id or '-'}"
-        )
-        if o.message:
-            line += f"  ({o.message})"
-        lines.append(line)
-    if summary.missing:
-        lines.append(f"{summary.missing} trial(s) never started (the sweep was stopped)" if summary.interrupted
-                     else f"{summary.missing} trial(s) left no outcome (the job crashed); counted as failed")
-    if summary.unsent:
-        lines.append(f"{summary.unsent} tracking write(s) wait in the trials' folders; "
-                     "`python -m sweeper.sync` sends them once the store is back")
-    lines.append(summary.line())
-    return "\n".join(lines)
-
-
 class TrackingCallback(Callback):
     """Opens the sweep (store, experiment, parent run) first; prints the summary last."""
 
@@ -239,7 +246,11 @@ class TrackingCallback(Callback):
             if config.preview:
                 _preview(config, jobs)
             expand.compose_jobs(config, jobs)
-            _open(config, sweep_dir, len(jobs), expand.swept_keys(jobs))
+            keys = expand.swept_keys(jobs)
+            _open(config, sweep_dir, len(jobs), keys)
+            if len(jobs) > 1:  # the numbers the console, the run tags, the summary and the export use
+                for number, job in enumerate(jobs, start=1):
+                    print(f"  trial {number}: {expand.trial_name(expand.trial_overrides(job), keys)}", flush=True)
         except (expand.SweepSpecError, tracking.TrackingError) as error:
             _abort(str(error))
         except (SystemExit, KeyboardInterrupt):
@@ -257,6 +268,11 @@ class TrackingCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A single run is a sweep of one trial, tracked the same way.
+        params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+        if params:
+            print(f"warning: this config defines a sweep over {', '.join(map(str, params))}, but without -m "
+                  "Hydra runs one trial of the defaults; add -m to run the sweep, e.g. "
+                  "`python -m sweeper -m sweep=quick_cpu`", file=sys.stderr, flush=True)
         sweep_dir = Path(config.hydra.runtime.cwd) / str(config.hydra.run.dir)
         self._start(config, [list(config.hydra.overrides.task)], sweep_dir)
 

@@ -259,6 +259,11 @@ def runs_table(trials: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- plots
 
 
+AXIS_NAMES = {"lr": "learning rate (lr)", "ratio": "training-data sampling ratio (ratio)",
+              "warmup": "warmup steps (warmup)", "test_accuracy": "test accuracy",
+              "validation_accuracy": "validation accuracy"}
+
+
 def plot(trials: pd.DataFrame, x: str, series: str, metric: str, path: Path, log_x: bool, title: str) -> Path | None:
     """`metric` against param `x`, one line per value of `series` (and model setup, when several);
     the before-training value dashed in the line's colour; flagged trials with their own marker;
@@ -298,6 +303,9 @@ def plot(trials: pd.DataFrame, x: str, series: str, metric: str, path: Path, log
         color = next(colors)
         means = group.groupby(x_col)[metric_col].mean().dropna()
         ax.plot(means.index, means.values, marker="o", color=color, label=name)
+        for x_value, y_value in means.items():  # the value at each point, not only the line
+            ax.annotate(f"{y_value:.1%}" if is_fraction(metric) else f"{y_value:.3g}", (x_value, y_value),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color=color)
         before = group.groupby(x_col)["_before"].mean().dropna()
         if len(before):
             ax.plot(before.index, before.values, linestyle="--", marker="o", markerfacecolor="none", color=color)
@@ -322,8 +330,16 @@ def plot(trials: pd.DataFrame, x: str, series: str, metric: str, path: Path, log
                    zorder=3, label="failed")
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
+        # Ticks at the swept values, written as typed (2e-04), instead of colliding log-scale labels.
+        ticks = sorted(v for v in data.loc[data["_placed"], x_col].dropna().unique())
+        if 0 < len(ticks) <= 12:
+            from matplotlib.ticker import FixedLocator, NullLocator
+
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel(AXIS_NAMES.get(x, x))
+    ax.set_ylabel(AXIS_NAMES.get(metric, metric.replace("_", " ")))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if several:  # many series: the legend goes beside the axes, not over the lines

@@ -75,16 +75,24 @@ def compose_jobs(config: DictConfig, jobs: list[list[str]]) -> list[DictConfig]:
     return composed
 
 
-def preview_lines(jobs: list[list[str]], problems: list[Optional[str]]) -> list[str]:
+def preview_lines(jobs: list[list[str]], problems: list[Optional[str]],
+                  finished: Optional[list[Optional[str]]] = None) -> list[str]:
+    """The preview: each trial by number, flagged when it would fail or be skipped (`finished`:
+    the run in which its exact config finished before)."""
     keys = swept_keys(jobs)
-    lines = [f"{len(jobs)} trials (preview: nothing is trained and no run is created):"]
+    finished = finished or [None] * len(jobs)
+    skipped = sum(1 for run in finished if run)
+    lines = [f"{len(jobs)} trials (preview: nothing is trained and no run is created)"
+             + (f"; {skipped} finished before and would be skipped:" if skipped else ":")]
     fixed = [o for o in trial_overrides(jobs[0] if jobs else []) if override_key(o) not in keys]
     if fixed and keys:
         lines.append(f"  each with: {' '.join(fixed)}")
-    for number, (overrides, problem) in enumerate(zip(jobs, problems), start=1):
-        line = f"  #{number:<3d} {trial_name(overrides, keys)}"
+    for number, (overrides, problem, run) in enumerate(zip(jobs, problems, finished), start=1):
+        line = f"  trial {number:<3d} {trial_name(overrides, keys)}"
         if problem:
             line += f"  -> would fail: {problem}"
+        elif run:
+            line += f"  -> finished before (run {run}): would be skipped"
         lines.append(line)
     return lines
 

@@ -39,6 +39,7 @@ OVERRIDES_TAG = "tags.sweeper.overrides"
 STATUS_TAG = "tags.sweeper.status"
 ERROR_TAG = "tags.sweeper.error"
 LINK_TAG = "tags.sweeper.linked_run_id"
+TRIAL_TAG = "tags.sweeper.trial"
 RUN_NAME_TAG = "tags.mlflow.runName"
 
 TRIAL_PARAMS = (
@@ -166,6 +167,10 @@ def _follow_links(runs: pd.DataFrame) -> pd.DataFrame:
     if missing:
         print(f"note: {len(missing)} linked run(s) no longer exist (deleted?): {', '.join(sorted(missing))}",
               file=sys.stderr)
+    # A linked run keeps this sweep's trial number (its own tag is the earlier sweep's).
+    numbers = dict(zip(runs.loc[is_link, LINK_TAG], runs.loc[is_link].get(TRIAL_TAG, pd.Series(dtype=object))))
+    if TRIAL_TAG in linked.columns:
+        linked[TRIAL_TAG] = [numbers.get(run_id, old) for run_id, old in zip(linked["run_id"], linked[TRIAL_TAG])]
     return pd.concat([runs[~is_link], linked], ignore_index=True)
 
 
@@ -221,7 +226,13 @@ def tidy_trials(runs: pd.DataFrame) -> pd.DataFrame:
     sort_by = [f"params.{k}" for k in list(SETUP_PARAMS) + override_keys(trials["overrides"]) + ["seed"]]
     sort_by = list(dict.fromkeys(c for c in sort_by if c in trials.columns)) + ["start_time"]
     trials = trials.sort_values(sort_by, kind="stable", na_position="last").reset_index(drop=True)
-    trials.insert(0, "id", range(1, len(trials) + 1))
+    # One numbering everywhere: a sweep's trial numbers (the console's, the run tag's, the summary's)
+    # when every row has a distinct one; else (several sweeps, --all) the row order.
+    numbers = pd.to_numeric(column(trials, TRIAL_TAG), errors="coerce")
+    if numbers.notna().all() and numbers.is_unique:
+        trials.insert(0, "id", numbers.astype(int).to_numpy())
+    else:
+        trials.insert(0, "id", range(1, len(trials) + 1))
     return trials
 
 
@@ -476,8 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="metric in the pivot cells and the plots, without 'metrics.' (default: %(default)s)")
     parser.add_argument("--formats", type=_formats, default=list(FORMATS),
                         help=f"comma list of table formats (default: {','.join(FORMATS)})")
-    parser.add_argument("--out", type=Path, default=Path("results"),
-                        help="root folder of the exports (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("exports"),
+                        help="root folder of the exports (default: %(default)s, which git ignores; "
+                             "--out results for the exports committed with the project)")
     return parser
 
 

@@ -31,6 +31,7 @@ class SweepState:
     started_at: float  # time.time() when the sweep started
     git_commit: Optional[str] = None
     git_dirty: Optional[bool] = None
+    name: str = ""  # the parent run's name
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Outcome:
     compile_seconds: float = math.nan
     unsent: int = 0  # tracking writes still waiting in the trial's outbox (sent later by sweeper.sync)
     output_dir: str = ""
+    before_test_accuracy: float = math.nan  # the base model's, for the summary
+    phases: str = ""  # where the trial's time went, e.g. "data 0.4s, model 1.2s, compile 4.6s, ..."
 
 
 @dataclass

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from sweeper import expand, liveness, search, state, tracking
 from sweeper.config import trial_dict
 from sweeper.outbox import Outbox, retry
-from sweeper.progress import TrialBar
+from sweeper.progress import TrialBar, phase_times
 
 CLAIM_POLL_SECONDS = 5.0
 
@@ -180,6 +180,10 @@ class TrackedTrial:
         self.outbox.log_text(self.run_id, OmegaConf.to_yaml(self.values), "config.yaml")
         self.outbox.send(block=False)
 
+    def on_phase(self, name: str, details: dict) -> None:
+        if self.bar is not None:
+            self.bar.phase(name, details)
+
     def on_step(self, record) -> None:
         self.steps(record)
         if self.bar is not None:
@@ -200,6 +204,8 @@ class TrackedTrial:
             validation_accuracy=result.metrics.get("validation_accuracy", math.nan),
             test_accuracy=result.metrics.get("test_accuracy", math.nan),
             compile_seconds=result.metrics.get("compile_seconds", math.nan), output_dir=str(self.job.output_dir),
+            before_test_accuracy=result.metrics.get("before_test_accuracy", math.nan),
+            phases=phase_times(result.metrics),
         )
         # A diverged trial is a measured outcome, not a crash: FINISHED, sweeper.status=diverged.
         self.run_status = "FINISHED"
@@ -258,6 +264,7 @@ def run_tracked_trial(cfg: DictConfig, job, sweep: state.SweepState, name: str,
     try:
         trial.log_config()
         result = run_trial(OmegaConf.create(trial.values), callback=trial.on_step, checkpoint_label=trial.run_id,
+                           on_phase=trial.on_phase,
                            on_eval=search.eval_hook(trial))
         trial.record_result(result)
     except Exception as error:

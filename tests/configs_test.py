@@ -122,3 +122,38 @@ def test_swept_keys_and_trial_names():
     assert expand.trial_name([], []) == "defaults"
     overrides = ["lr=0.002", "tracking.uri=sqlite:///x.db", "preview=true", "+optim.end_lr=0", "resume=false"]
     assert expand.trial_overrides(overrides) == ["lr=0.002", "+optim.end_lr=0"]
+
+
+def test_readme_states_the_defaults_of_the_config():
+    """Every single-valued default in README's table of keys is the composed config's (default model)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## The keys you set most"):readme.index("Every group is a typed dataclass")]
+    cfg = compose_conf("config")
+    checked = 0
+    for keys, defaults in re.findall(r"^\| (`[^|]+`) \| (`[^|]+`) \|", table, flags=re.M):
+        names = re.findall(r"`([^`]+)`", keys)
+        values = re.findall(r"`([^`]+)`", defaults)
+        if len(names) != len(values) or any("/" in v for v in values):
+            continue
+        for name, value in zip(names, values):
+            if name in ("model", "finetune"):
+                actual = OmegaConf.select(cfg, f"{name}.name" if name == "model" else "finetune.method")
+            else:
+                actual = OmegaConf.select(cfg, name, default="<missing>")
+            expected = OmegaConf.create(f"v: {value}").v  # YAML as Hydra reads it (1e-3 is a float)
+            assert actual == expected or str(actual) == str(expected), f"README says {name} = {value}; config has {actual}"
+            checked += 1
+    assert checked >= 12, checked
+
+
+def test_help_is_our_own(sweeper_env):
+    for module, absent in (("trainer", ("sweep=", "tracking.uri")), ("sweeper", ())):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=Path(__file__).resolve().parents[1],
+                                env=sweeper_env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert f"python -m {module}" in result.stdout and "powered by Hydra" not in result.stdout
+        assert "lr=1e-3" in result.stdout or module == "sweeper"
+        for text in absent:
+            assert text not in result.stdout

