@@ -153,7 +153,7 @@ class Gang:
             if self.launch.waiting.pop(ref, None) is not None:
                 try:
                     ray.cancel(ref, force=True)
-                except (TypeError, ValueError):  # a placement group's ready() can't be cancelled
+                except Exception:  # e.g. a placement group's ready(), which is no task to cancel
                     pass
         self.refs, self.leader = [], None
         self.release()

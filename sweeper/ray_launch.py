@@ -23,12 +23,15 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweeper import expand, state, tracking
 from sweeper.ray_task import LOST, TaskReturn, TrialTask, close_lost_attempts, run_task
+
+if TYPE_CHECKING:
+    from sweeper.ray_gang import Gang
 
 STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 LAUNCHER_TARGET = "hydra_plugins.ray_launcher.ray_launcher.RayLauncher"

@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID  # noqa: E402
 
 from sweeper import liveness  # noqa: E402
+from trainer.config import flatten  # noqa: E402  (re-exported: tracking.flatten)
 
 STEP_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "tokens_seen")
 # Keys that don't change what a trial computes, so they stay out of the resume hash.
@@ -129,17 +130,6 @@ def _store_lock(uri: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"b1": 0.9}} -> {"optim.b1": 0.9}."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_hash(trial: dict[str, Any]) -> str:

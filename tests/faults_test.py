@@ -7,17 +7,14 @@ the fault, and reads the store back to check that nothing was lost and nothing i
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow_servers import MlflowServer
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
@@ -234,50 +231,11 @@ def test_default_sweep_folders_differ_for_sweeps_started_in_the_same_second():
 # ---------------------------------------------------------------- the tracking store goes away
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` on a fixed port over one SQLite store, to stop and start again."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port, self.process = folder, free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self, boot_timeout: float = 90) -> None:
-        log = open(self.folder / "server.log", "a")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
-             "--artifacts-destination", str(self.folder / "server_artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + boot_timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
-                return
-            except (urllib.error.URLError, OSError):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((self.folder / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-
 @pytest.fixture
 def server(tmp_path):
-    server = Server(tmp_path)
-    server.start()
+    server = MlflowServer(tmp_path).start()
     yield server
-    server.stop()
+    server.stop(signal.SIGKILL)
 
 
 def quick_http_env(env) -> dict:
@@ -291,7 +249,7 @@ def test_a_server_down_for_half_a_minute_mid_sweep_loses_nothing(sweeper_env, tm
     args = sweep_args(tmp_path, steps=40, store=server.url) + ["tracking.retry_window=240"]
     process = start_sweeper(env, args, tmp_path)
     wait_for_trial_steps(server.url, trial=2, steps=4, process=process)
-    server.stop()
+    server.stop(signal.SIGKILL)
     time.sleep(30)
     server.start()
     assert process.wait(timeout=600) == 0, (tmp_path / "sweep.out").read_text() + (tmp_path / "sweep.err").read_text()
@@ -313,7 +271,7 @@ def test_writes_kept_through_a_long_outage_are_sent_by_sweeper_sync(sweeper_env,
             "tracking.retry_window=5"]
     process = start_sweeper(env, args, tmp_path)
     cut = wait_for_trial_steps(server.url, trial=1, steps=4, process=process)
-    server.stop()  # and it stays away until the sweep has ended
+    server.stop(signal.SIGKILL)  # and it stays away until the sweep has ended
     code = process.wait(timeout=600)
     out = (tmp_path / "sweep.out").read_text()
     assert code == 1, out  # trial 2 could not even open its run: failed, and said so

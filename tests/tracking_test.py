@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from mlflow_servers import MlflowServer
 
 from sweeper import tracking
 
@@ -129,47 +127,14 @@ def test_unreachable_server_stops_the_sweep_before_any_trial(sweeper_env, tmp_pa
     assert time.monotonic() - started < 30
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_server(folder: Path, boot_timeout: float = 90):
     """`mlflow server` on a free port with its own SQLite store; stopped (process group) on exit."""
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{folder}/server.db",
-            "--artifacts-destination", str(folder / "server_artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(folder).start(boot_timeout)
     try:
-        deadline = time.monotonic() + boot_timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except (urllib.error.URLError, OSError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not come up:\n{(folder / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
-        log.close()
+        server.stop()
 
 
 def rest(url: str, path: str, body: dict | None = None) -> dict:

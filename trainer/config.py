@@ -278,6 +278,17 @@ def validate(cfg: TrialConfig) -> None:
     _check(head_dim % 2 == 0, f"head dimension {head_dim} must be even for rotary embeddings")
 
 
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"b1": 0.9}} -> {"optim.b1": 0.9}: a nested config as dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def to_trial_config(cfg: Any) -> TrialConfig:
     """A TrialConfig object from a Hydra DictConfig (or pass one through)."""
     if isinstance(cfg, TrialConfig):
@@ -299,6 +310,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "TrialConfig",
+    "flatten",
     "register_configs",
     "to_trial_config",
     "validate",

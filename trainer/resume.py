@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import jax
 
-from trainer.config import TrialConfig
+from trainer.config import TrialConfig, flatten
 
 # Keys that don't change what a trial computes, left out of its digest.
 UNHASHED = ("output_dir", "data.cache_dir", "train.checkpoint_dir", "train.checkpoint_every_steps",
@@ -31,19 +31,9 @@ UNHASHED = ("output_dir", "data.cache_dir", "train.checkpoint_dir", "train.check
             "eval.predictions")
 
 
-def _flat(values: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def trial_digest(cfg: TrialConfig) -> str:
     """sha256 of the trial's config, without the keys that don't change its numbers."""
-    flat = {k: v for k, v in _flat(dataclasses.asdict(cfg)).items() if k not in UNHASHED}
+    flat = {k: v for k, v in flatten(dataclasses.asdict(cfg)).items() if k not in UNHASHED}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
 
 
