@@ -95,6 +95,9 @@ def record_outcome(job: Job, sweep: state.SweepState, outcome: state.Outcome, se
     from sweeper.mlflow_model import after_trial
 
     after_trial(job.sweep_dir, sweep, outcome)  # its saved model: logged, or pruned unless the best (never raises)
+    from sweeper.ui import refresh_parent_note
+
+    refresh_parent_note(job.sweep_dir, sweep)  # the parent's comparison table, with this trial (never raises)
 
 
 # ../conf as an absolute path: Hydra would read a relative config_path of a function defined

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper import expand, liveness, outbox, state, tracking
+from sweeper import expand, liveness, outbox, state, tracking, ui
 from sweeper.summary import format_summary
 
 EXIT_BAD_SWEEP = 2
@@ -172,6 +172,7 @@ def _open(config: DictConfig, sweep_dir: Path, num_trials: int, swept_keys: list
     }
     try:
         client, experiment_id = tracking.open_experiment(uri, config.tracking.experiment)
+        ui.describe_experiment(client, experiment_id)  # its description and saved view (never raises)
         liveness.reap_stale(client, experiment_id, config.tracking.stale_after)
         _send_pending(launch_dir, sweep_dir, config.tracking.retry_window)
         parent_run_id = tracking.start_parent(client, experiment_id, name, parent_tags)
@@ -218,7 +219,8 @@ def _close(sweep_dir: Path, sweep: state.SweepState, interrupted: bool = False) 
 
         finish_sweep(sweep_dir, sweep)
     liveness.heartbeat(sweep.tracking_uri, 30).discard(sweep.parent_run_id)
-    box = outbox.Outbox(sweep_dir / "tracking_parent", sweep.tracking_uri, _retry_window[0])
+    ui.refresh_parent_note(sweep_dir, sweep, final=True, interrupted=interrupted)  # never raises
+    box = outbox.Outbox(sweep_dir / ui.PARENT_OUTBOX, sweep.tracking_uri, _retry_window[0])
     tracking.finish_parent(box, sweep.parent_run_id, summary, status="KILLED" if interrupted else None)
     left = box.send(block=not interrupted)
     if left:

@@ -21,7 +21,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweeper import expand, liveness, search, state, tracking
+from sweeper import expand, liveness, notes, provenance, search, state, tracking, ui
 from sweeper.config import trial_dict
 from sweeper.outbox import Outbox, retry
 from sweeper.progress import TrialBar, phase_times
@@ -118,6 +118,7 @@ class TrackedTrial:
         values = trial_dict(cfg) if values is None else values
         digest = tracking.config_hash(values)
         tags = child_tags(job, sweep, digest)
+        run_name = notes.run_name(job.number, name)  # `#3 lr=2e-4 ratio=0.9`: tells runs apart in the UI
 
         def finished():
             if not cfg.resume:
@@ -126,7 +127,7 @@ class TrackedTrial:
 
         def link(previous) -> state.Outcome:
             link_id = retry(lambda: tracking.start_link(
-                client, sweep.experiment_id, sweep.parent_run_id, name, tags, previous.info.run_id),
+                client, sweep.experiment_id, sweep.parent_run_id, run_name, tags, previous.info.run_id),
                 window, "linking the earlier result")
             return _skipped(job, name, link_id, previous)
 
@@ -141,7 +142,7 @@ class TrackedTrial:
             logged_step = retry(lambda: tracking.logged_steps(client, run_id), window, "reading the logged steps")
             print(f"trial {job.number}: resuming run {run_id} (steps up to {logged_step} logged)", flush=True)
         else:
-            run_id = retry(lambda: tracking.start_child(client, sweep.experiment_id, sweep.parent_run_id, name, tags),
+            run_id = retry(lambda: tracking.start_child(client, sweep.experiment_id, sweep.parent_run_id, run_name, tags),
                            window, "creating the trial's run")
             previous = cls._wait_for_claims(cfg, client, sweep, digest, run_id, job)
             if previous is not None:  # another sweep trained it meanwhile: this run becomes a link
@@ -177,6 +178,9 @@ class TrackedTrial:
 
     def log_config(self) -> None:
         self.outbox.log_batch(self.run_id, params=[(p.key, p.value) for p in tracking.trial_params(self.values)])
+        data = provenance.data_params(self.values)
+        if data:  # a batch of its own: a resumed run whose data changed keeps its config params
+            self.outbox.log_batch(self.run_id, params=data)
         self.outbox.log_text(self.run_id, OmegaConf.to_yaml(self.values), "config.yaml")
         self.outbox.send(block=False)
 
@@ -195,7 +199,9 @@ class TrackedTrial:
             self.bar.close()
         self.steps.flush()
         last_step = result.history[-1].step if result.history else 0
-        tracking.log_metrics(self.outbox, self.run_id, result.metrics, step=last_step)
+        tracking.log_metrics(self.outbox, self.run_id, {**ui.headline_metrics(result.metrics), **result.metrics},
+                             step=last_step)
+        ui.trial_note(self, result.metrics, result.status, result.message)
         tracking.log_trial_artifacts(self.outbox, self.run_id, result)
         if result.message:
             self.outbox.set_tag(self.run_id, "sweeper.message", result.message)
@@ -228,6 +234,7 @@ class TrackedTrial:
             print(details, file=sys.stderr, flush=True)
         self.steps.flush()
         tracking.log_error(self.outbox, self.run_id, message, details)
+        ui.trial_note(self, {}, "failed", message)
         return self.outcome
 
     def close(self, interrupted: bool = False) -> None:

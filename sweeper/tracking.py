@@ -271,7 +271,8 @@ def log_trial_artifacts(outbox, run_id: str, result) -> None:
 
 
 def confusion_figure(counts: list[list[int]], split: str):
-    """A small heat map of the confusion matrix, or None without matplotlib."""
+    """The confusion matrix as a heat map: counts and row shares in each cell (white on dark cells),
+    labelled axes, accuracy and example count in the title; or None without matplotlib."""
     try:
         import matplotlib
 
@@ -279,16 +280,28 @@ def confusion_figure(counts: list[list[int]], split: str):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    figure, axes = plt.subplots(figsize=(3.2, 2.4), dpi=100)
-    axes.imshow(counts, cmap="Blues")
-    axes.set_xticks(range(3), ["Neg", "Pos", "invalid"])
-    axes.set_yticks(range(2), ["Neg", "Pos"])
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(f"{split} confusion")
-    for i, row in enumerate(counts):
+    rows = [[int(value) for value in row] for row in counts]
+    total = sum(map(sum, rows))
+    correct = sum(rows[i][i] for i in range(min(len(rows), len(rows[0]) if rows else 0)))
+    largest = max((value for row in rows for value in row), default=0) or 1
+    figure, axes = plt.subplots(figsize=(5.6, 3.6), dpi=120)
+    axes.imshow(rows, cmap="Blues", vmin=0, vmax=largest, aspect="auto")
+    columns = ["Negative", "Positive", "invalid answer"][: len(rows[0]) if rows else 0]
+    axes.set_xticks(range(len(columns)), columns, fontsize=10)
+    axes.set_yticks(range(len(rows)), ["Negative", "Positive"][: len(rows)], fontsize=10)
+    axes.set_xlabel("predicted", fontsize=11)
+    axes.set_ylabel("true label", fontsize=11)
+    accuracy = f"accuracy {correct / total:.1%} of {total:,}" if total else "no examples"
+    axes.set_title(f"{split} split: confusion matrix ({accuracy})", fontsize=11)
+    for i, row in enumerate(rows):
+        row_total = sum(row) or 1
         for j, value in enumerate(row):
-            axes.text(j, i, str(value), ha="center", va="center", fontsize=8)
+            dark = value / largest > 0.5  # Blues turns dark past its middle: white text there
+            axes.text(j, i, f"{value:,}\n{value / row_total:.1%}", ha="center", va="center", fontsize=11,
+                      color="white" if dark else "#08306b", fontweight="bold" if i == j else "normal")
+    axes.tick_params(length=0)
+    for spine in axes.spines.values():
+        spine.set_visible(False)
     figure.tight_layout()
     return figure
 

@@ -102,7 +102,7 @@ def test_every_sweep_composes_and_previews_its_trials(sweep, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{count} trials (preview"), result.stdout
-    assert sum(1 for line in lines if line.lstrip().startswith("#")) == count
+    assert sum(1 for line in lines if line.lstrip().startswith("trial ")) == count
     assert "would fail" not in result.stdout
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweep").exists()
 

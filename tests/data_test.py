@@ -453,3 +453,34 @@ def test_prepare_command_reports_missing_data(tmp_path):
         cwd=REPO, capture_output=True, text=True,
     )
     assert result.returncode == 1 and "rt-polarity.pos" in result.stderr
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def _sha256sum_of_sha256sums(folder: Path, names: list[str]) -> str:
+    """What `cd folder && sha256sum names... | sha256sum` prints, computed here independently."""
+    import hashlib
+
+    listing = "".join(f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n" for n in sorted(names))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def test_a_dataset_says_where_it_was_found_which_files_it_read_and_their_digest(rt_dir, monkeypatch):
+    monkeypatch.setenv("ROTTEN_TOMATOES_DIR", str(rt_dir))
+    dataset = data.load_dataset(DataConfig())
+    assert dataset.origin == f"$ROTTEN_TOMATOES_DIR={rt_dir}"
+    assert dataset.folder == str(rt_dir.resolve()) and dataset.data_format == "cornell"
+    assert dataset.files == ("rt-polarity.neg", "rt-polarity.pos")
+    assert dataset.sha256 == _sha256sum_of_sha256sums(rt_dir, ["rt-polarity.pos", "rt-polarity.neg"])
+
+
+def test_the_digest_changes_with_the_files(tmp_path):
+    _write_jsonl(tmp_path, [b'{"text": "a joy", "label": 1}', b'{"text": "a bore", "label": 0}'])
+    first = data.load_dataset(DataConfig(path=str(tmp_path)))
+    assert first.data_format == "jsonl" and first.files == ("test.jsonl", "train.jsonl", "validation.jsonl")
+    assert first.sha256 == _sha256sum_of_sha256sums(tmp_path, ["train.jsonl", "validation.jsonl", "test.jsonl"])
+    _write_jsonl(tmp_path, [b'{"text": "a joy", "label": 1}', b'{"text": "a bore!", "label": 0}'])  # one byte more
+    assert data.load_dataset(DataConfig(path=str(tmp_path))).sha256 != first.sha256
+
+

@@ -22,14 +22,16 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, store: str | None = None) -> None:
+        """`store`: a backend store URI to serve (default: its own `server.db` in `folder`)."""
         self.folder, self.port, self.process = Path(folder), free_port(), None
+        self.store = store or f"sqlite:///{self.folder}/server.db"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self, boot_timeout: float = 90) -> "MlflowServer":
         log = open(self.folder / "server.log", "a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder}/server.db",
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store,
              "--artifacts-destination", str(self.folder / "server_artifacts"),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -103,24 +103,29 @@ def kill_a_trial_worker(process: subprocess.Popen, uri: str, sweep_dir: Path, ti
 
 @pytest.mark.slow
 def test_a_sweep_on_a_local_ray_retries_a_killed_worker_and_brings_results_back(sweeper_env, tmp_path):
-    """2 trials on a Ray started for the sweep; one worker killed mid-trial; trials keep their
-    folders in a worker_dir, so the summary is built only from what the tasks returned."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    process = sweeper(
-        sweeper_env, tmp_path, "-m", "lr=2e-3,2e-4", *SHORT, "train.total_steps=40", "tracking.flush_every=2",
-        "hydra/launcher=ray", "hydra.launcher.local_num_cpus=1", f"hydra.launcher.worker_dir={tmp_path}/worker",
-        "hydra.sweep.dir=multirun/s", "hydra.launcher.local_object_store_memory=100000000",
-    )
-    killed = kill_a_trial_worker(process, uri, tmp_path / "multirun/s")
-    out, err = finish(process)
-    assert process.returncode == 0, explain(out, err, process.returncode)
-    assert "2 trials: 2 finished, 0 failed, 0 diverged, 0 skipped" in out, explain(out, err, 0)
-    parents, children = runs(uri)
+    """4 trials on a Ray started for the sweep, logging to an MLflow server; one worker killed
+    mid-trial; trials keep their folders in a worker_dir, so the summary is built only from what
+    the tasks returned."""
+    from tracking_test import mlflow_server
+
+    with mlflow_server(tmp_path) as uri:
+        process = sweeper(
+            sweeper_env, tmp_path, "-m", "lr=2e-3,2e-4", "ratio=0.5,1.0", *SHORT, "train.total_steps=30",
+            "tracking.flush_every=2", f"tracking.uri={uri}",
+            "hydra/launcher=ray", "hydra.launcher.local_num_cpus=1", f"hydra.launcher.worker_dir={tmp_path}/worker",
+            "hydra.sweep.dir=multirun/s", "hydra.launcher.local_object_store_memory=100000000",
+        )
+        killed = kill_a_trial_worker(process, uri, tmp_path / "multirun/s")
+        out, err = finish(process, timeout=500)
+        assert process.returncode == 0, explain(out, err, process.returncode)
+        assert "4 trials: 4 finished, 0 failed, 0 diverged, 0 skipped" in out, explain(out, err, 0)
+        parents, children = runs(uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     finished = [c for c in children if c.info.status == "FINISHED"]
-    assert sorted(c.info.run_name for c in finished) == ["lr=0.0002", "lr=0.002"]
-    assert all(c.data.tags["sweeper.status"] == "finished" and c.data.metrics["steps"] == 40 for c in finished)
+    assert sorted(c.data.tags["sweeper.overrides"] for c in finished) == [
+        "lr=0.0002,ratio=0.5", "lr=0.0002,ratio=1.0", "lr=0.002,ratio=0.5", "lr=0.002,ratio=1.0"]
+    assert all(c.data.tags["sweeper.status"] == "finished" and c.data.metrics["steps"] == 30 for c in finished)
     # The killed attempt is closed, not left RUNNING, and says why.
     lost = [c for c in children if c.info.status != "FINISHED"]
     assert [(c.info.status, c.data.tags["sweeper.trial"], c.data.tags["sweeper.status"]) for c in lost] == [
@@ -128,7 +133,7 @@ def test_a_sweep_on_a_local_ray_retries_a_killed_worker_and_brings_results_back(
     assert "worker running this attempt was lost" in lost[0].data.tags["sweeper.error"]
     # Outcomes came back by value into this machine's sweep folder; the trials' folders stayed on the worker side.
     here, there = tmp_path / "multirun/s", tmp_path / "worker/multirun/s"
-    assert sorted(p.name for p in (here / "sweeper_outcomes").iterdir()) == ["0001.json", "0002.json"]
+    assert sorted(p.name for p in (here / "sweeper_outcomes").iterdir()) == [f"000{n}.json" for n in range(1, 5)]
     assert not (here / "0").exists() and (there / "0/predictions_test.jsonl").is_file()
 
 

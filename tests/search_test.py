@@ -179,7 +179,9 @@ def test_search_grows_the_study_to_n_trials_and_a_rerun_continues_it(sweeper_env
         assert trial.state == {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED}[status]
         assert run.data.tags["search.trial"] == str(trial.number)
         # The run is named by the searched keys only, with the values the study suggested.
-        assert run.info.run_name == f"lr={trial.params['lr']!r},warmup={trial.params['warmup']},ratio={trial.params['ratio']}"
+        assert run.data.tags["sweeper.overrides"] == (
+            f"lr={trial.params['lr']!r},warmup={trial.params['warmup']},ratio={trial.params['ratio']}")
+        assert run.info.run_name.startswith(f"#{run.data.tags['sweeper.trial']} lr=")
         assert float(run.data.params["lr"]) == trial.params["lr"]
         if status == "finished":
             assert trial.value == run.data.metrics["validation_accuracy"]
@@ -243,7 +245,7 @@ def test_a_trial_at_chance_is_pruned_and_keeps_its_curve(sweeper_env, tmp_path):
     assert result.returncode == 0, explain(result)
     assert "2 trials: 1 finished, 0 failed, 0 diverged, 0 skipped, 1 pruned" in result.stdout, explain(result)
     client, parents, children = search_runs(tmp_path)
-    runs = {r.info.run_name: r for r in children[parents[0].info.run_id]}
+    runs = {r.data.tags["sweeper.overrides"]: r for r in children[parents[0].info.run_id]}
     chance, learner = runs["lr=0.0"], runs["lr=0.002"]
     assert chance.data.tags["sweeper.status"] == "pruned" and chance.info.status == "FINISHED"
     assert chance.data.tags["sweeper.message"].startswith("pruned at step 10: validation accuracy")

@@ -67,8 +67,12 @@ def test_sweep_makes_one_parent_and_a_finished_child_per_trial(quick_sweep):
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["trials_finished"] == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
-    assert {c.info.run_name for c in children} == {
+    assert {c.data.tags["sweeper.overrides"] for c in children} == {
         "lr=0.002,ratio=0.5", "lr=0.002,ratio=1.0", "lr=0.0002,ratio=0.5", "lr=0.0002,ratio=1.0",
+    }
+    # Run names lead with the trial number and read short, so the UI's narrow column tells them apart.
+    assert {c.info.run_name for c in children} == {
+        "#1 lr=2e-3 ratio=0.5", "#2 lr=2e-3 ratio=1.0", "#3 lr=2e-4 ratio=0.5", "#4 lr=2e-4 ratio=1.0",
     }
     hashes = {c.data.tags["sweeper.config_hash"] for c in children}
     assert len(hashes) == 4 and all(len(h) == 64 for h in hashes)
@@ -77,7 +81,7 @@ def test_sweep_makes_one_parent_and_a_finished_child_per_trial(quick_sweep):
         assert child.info.status == "FINISHED"
         assert child.data.tags["sweeper.status"] == "finished"
         assert child.data.tags["sweeper.kind"] == "trial"
-        assert child.data.tags["sweeper.overrides"] == child.info.run_name
+        assert child.info.run_name.startswith(f"#{child.data.tags['sweeper.trial']} ")
         assert "train.total_steps=4" in child.data.tags["sweeper.all_overrides"]
         assert child.data.tags["sweeper.jax_backend"] and child.data.tags["sweeper.device_count"]
         if (REPO / ".git").exists():
@@ -103,6 +107,32 @@ def test_trials_after_the_first_reuse_the_compiled_step(quick_sweep):
     compile_seconds = {int(c.data.tags["sweeper.trial"]): c.data.metrics["compile_seconds"] for c in children}
     first, later = compile_seconds[1], [compile_seconds[k] for k in (2, 3, 4)]
     assert max(later) < first / 3, compile_seconds
+
+
+def test_the_ui_sees_the_comparison_the_headline_metrics_and_the_data(quick_sweep, sweeper_env):
+    """The parent's description pivots test and validation accuracy; each trial carries headline
+    copies of its accuracies, a description, and which data it read (path, digest, sizes)."""
+    folder, _, _ = quick_sweep
+    client, parents, children = read_runs(folder)
+    parent = min(parents, key=lambda r: r.info.start_time)  # the first sweep (a later test re-runs it)
+    note = parent.data.tags["mlflow.note.content"]
+    best = max(sorted(children, key=lambda c: int(c.data.tags["sweeper.trial"])),
+               key=lambda c: c.data.metrics["validation_accuracy"])
+    assert note.startswith(f"Best by validation accuracy: trial {best.data.tags['sweeper.trial']} ("), note
+    assert "Final: 4 of 4 trials (4 finished)." in note
+    assert "|lr ↓ · ratio →|0.5|1.0|" in note.replace("&nbsp;", "")
+    for child in children:
+        metrics, params = child.data.metrics, child.data.params
+        assert metrics["accuracy/test"] == metrics["test_accuracy"]
+        assert metrics["accuracy/validation"] == metrics["validation_accuracy"]
+        assert f"{metrics['test_accuracy']:.2%}" in note
+        assert child.data.tags["mlflow.note.content"].startswith(f"Test accuracy **{metrics['test_accuracy']:.2%}**")
+        assert params["data.resolved_path"] == str(Path(sweeper_env["ROTTEN_TOMATOES_DIR"]).resolve())
+        assert params["data.origin"].startswith("$ROTTEN_TOMATOES_DIR=") and len(params["data.sha256"]) == 64
+        assert (params["data.train_size"], params["data.test_size"], params["data.test_evaluated"]) == ("8530", "1066", "16")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "finetuning"
+    assert "one parent run per sweep" in experiment.tags["mlflow.note.content"]
 
 
 def test_rerunning_a_sweep_skips_every_finished_trial(quick_sweep, sweeper_env):
@@ -139,7 +169,7 @@ def test_a_failing_trial_is_recorded_and_the_others_finish(sweeper_env, tmp_path
     assert result.returncode == 1, explain(result)
     assert "4 trials: 1 finished, 2 failed, 1 diverged, 0 skipped" in result.stdout, explain(result)
     _, parents, children = read_runs(tmp_path)
-    by_name = {c.info.run_name: c for c in children}
+    by_name = {c.data.tags["sweeper.overrides"]: c for c in children}
     assert len(children) == 4
     finished = by_name["lr=0.002,ratio=0.5"]
     assert finished.info.status == "FINISHED" and finished.data.tags["sweeper.status"] == "finished"
@@ -202,18 +232,18 @@ def test_a_vectorized_sweep_makes_a_finished_child_run_per_trial(vectorized_swee
     assert len(parents) == 1 and len(children) == 4
     assert parents[0].data.tags["sweeper.launcher"].endswith("VectorizedLauncher")
     _, _, sequential = read_runs(quick_sweep[0])
-    alone = {c.info.run_name: c for c in sequential}
+    alone = {c.data.tags["sweeper.overrides"]: c for c in sequential}
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["sweeper.status"] == "finished"
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         metrics = child.data.metrics
         assert metrics["vectorized_trials"] == 4
         # The same trial as the basic launcher's run of it: same accuracies, loss to float rounding.
-        twin = alone[child.info.run_name].data.metrics
+        twin = alone[child.data.tags["sweeper.overrides"]].data.metrics
         for key in ("test_accuracy", "validation_accuracy", "train_examples", "steps"):
             assert metrics[key] == twin[key], key
         assert metrics["final_loss"] == pytest.approx(twin["final_loss"], rel=1e-5)
-        assert child.data.tags["sweeper.config_hash"] == alone[child.info.run_name].data.tags["sweeper.config_hash"]
+        assert child.data.tags["sweeper.config_hash"] == alone[child.data.tags["sweeper.overrides"]].data.tags["sweeper.config_hash"]
         assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss")) == [1, 2, 3, 4]
         assert {"config.yaml", "confusion.json", "predictions"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
 
@@ -237,7 +267,7 @@ def test_a_vectorized_sweep_records_failed_and_diverged_trials_one_by_one(sweepe
     assert "4 trials: 1 finished, 2 failed, 1 diverged, 0 skipped" in result.stdout, explain(result)
     assert "vectorised group of 2: trials 1,3" in result.stdout, explain(result)
     _, parents, children = read_runs(tmp_path)
-    by_name = {c.info.run_name: c for c in children}
+    by_name = {c.data.tags["sweeper.overrides"]: c for c in children}
     assert len(children) == 4
     assert by_name["lr=0.002,ratio=0.5"].data.tags["sweeper.status"] == "finished"
     for name in ("lr=0.002,ratio=0", "lr=1000000000.0,ratio=0"):

@@ -162,7 +162,7 @@ def test_parallel_sweep_through_a_tracking_server(sweeper_env, tmp_path):
         assert len(parents) == 1 and len(children) == 2
         parent_id = parents[0]["info"]["run_id"]
         assert parents[0]["info"]["status"] == "FINISHED"
-        assert sorted(t["mlflow.runName"] for _, t in children) == ["lr=0.0002", "lr=0.002"]
+        assert sorted(t["sweeper.overrides"] for _, t in children) == ["lr=0.0002", "lr=0.002"]
         for run, run_tags in children:
             assert run["info"]["status"] == "FINISHED"
             assert run_tags["mlflow.parentRunId"] == parent_id and run_tags["sweeper.status"] == "finished"
@@ -198,3 +198,22 @@ def test_a_run_is_stale_when_its_process_is_gone_or_its_heartbeat_is_old():
     assert is_stale(_run(host="another-host", pid=dead_pid, beat=now - 200), stale_after=180, now=now)
     assert is_stale(_run(start=now - 500), stale_after=180, now=now)  # no heartbeat: its start time
     assert not is_stale(_run(status="FINISHED", start=0), stale_after=180, now=now)
+
+
+def test_the_confusion_matrix_png_is_labelled_titled_and_readable(tmp_path):
+    counts = [[412, 121, 0], [98, 435, 0]]
+    figure = tracking.confusion_figure(counts, "test")
+    axes = figure.axes[0]
+    assert axes.get_title() == "test split: confusion matrix (accuracy 79.5% of 1,066)"
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["Negative", "Positive", "invalid answer"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["Negative", "Positive"]
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("predicted", "true label")
+    cells = {t.get_text(): t.get_color() for t in axes.texts}
+    # Counts with the share of the true class; white on the dark cells, dark blue on the light ones.
+    assert cells["412\n77.3%"] == "white" and cells["435\n81.6%"] == "white"
+    assert cells["121\n22.7%"] == "#08306b" and cells["0\n0.0%"] == "#08306b"
+    figure.savefig(tmp_path / "confusion.png")
+    from PIL import Image
+
+    with Image.open(tmp_path / "confusion.png") as image:
+        assert image.size == (672, 432)

@@ -49,6 +49,12 @@ class Dataset:
     splits: dict[str, list[Example]]
     source: str
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    origin: str = ""  # how the folder was found: data.path=..., $ROTTEN_TOMATOES_DIR=..., hub dataset ...
+    folder: str = ""  # the resolved folder the files were read from
+    data_format: str = ""  # cornell | jsonl | parquet
+    files: tuple[str, ...] = ()  # the files read, relative to `folder`, sorted
+    # `cd <folder> && sha256sum <files...> | sha256sum`: one digest of every file read, checkable by hand.
+    sha256: str = ""
 
 
 # ---------------------------------------------------------------- loading
@@ -76,10 +82,11 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         folder, origin = _download_from_hub(cfg), f"hub dataset {cfg.hub_id}"
     if not folder.is_dir():
         raise DataError(f"{origin}: {folder} is not a folder; point data.path at a folder with rt-polarity.pos/.neg")
-    splits, skipped = _load_folder(folder, cfg.on_bad_line, origin)
+    (splits, skipped), files, data_format, digest = _load_folder(folder, cfg.on_bad_line, origin)
     # Fresh lists, so a caller that shuffles or appends cannot change the memoised copy.
     fresh = {name: list(examples) for name, examples in splits.items()}
-    return Dataset(fresh, f"{origin} ({folder})", dict(skipped))
+    return Dataset(fresh, f"{origin} ({folder})", dict(skipped), origin=origin, folder=str(folder.resolve()),
+                   data_format=data_format, files=files, sha256=digest)
 
 
 def _download_from_hub(cfg: DataConfig) -> Path:
@@ -100,8 +107,9 @@ def _download_from_hub(cfg: DataConfig) -> Path:
     return Path(folder)
 
 
-def _load_folder(folder: Path, on_bad_line: str, origin: str) -> _Parsed:
-    """Parse a folder once per process: the memo is keyed by the hash of the files read."""
+def _load_folder(folder: Path, on_bad_line: str, origin: str) -> tuple[_Parsed, tuple[str, ...], str, str]:
+    """Parse a folder once per process (the memo is keyed by the hash of the files read); returns
+    the parsed splits, the files read (relative names), the format and their `sha256sum` digest."""
     if all((folder / name).is_file() for name in _CORNELL_FILES.values()):
         files = {label: folder / name for label, name in _CORNELL_FILES.items()}
         data_format, reader = "cornell", _read_cornell
@@ -126,7 +134,11 @@ def _load_folder(folder: Path, on_bad_line: str, origin: str) -> _Parsed:
         parsed = reader(files, contents, on_bad_line)
         _check_parsed(*parsed, files, data_format)
         _PARSED[memo_key] = parsed
-    return _PARSED[memo_key]
+    names = {key: path.relative_to(folder).as_posix() for key, path in files.items()}
+    # What `sha256sum` prints for each file, in name order, digested once more.
+    listing = "".join(f"{hashlib.sha256(contents[key]).hexdigest()}  {names[key]}\n"
+                      for key in sorted(files, key=lambda k: names[k]))
+    return _PARSED[memo_key], tuple(sorted(names.values())), data_format, hashlib.sha256(listing.encode()).hexdigest()
 
 
 def text_problem(text: str) -> str | None:
