@@ -83,14 +83,34 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def cpu_name() -> str:
+def cpu_info_field(name: str) -> str:
+    """The first value of `name` in /proc/cpuinfo ('' where there is none: not Linux, another platform)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_name() -> str:
+    return cpu_info_field("model name") or platform.processor() or platform.machine()
+
+
+# The vector and matrix units that decide a float32 or bfloat16 matmul's speed on x86 (and Arm's).
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                "amx_fp16", "asimd", "sve", "bf16")
+
+
+def cpu_flags() -> str:
+    """'avx2 fma avx512f avx512_bf16 (no AMX)': which MATMUL_FLAGS the CPU reports."""
+    reported = set((cpu_info_field("flags") or cpu_info_field("Features")).split())
+    present = [flag for flag in MATMUL_FLAGS if flag in reported]
+    if not reported:
+        return "flags unknown"
+    x86 = "avx2" in reported or "sse2" in reported
+    return " ".join(present) + (" (no AMX)" if x86 and "amx_tile" not in reported else "")
 
 
 def busy_share(interval: float = 0.5) -> float:
@@ -119,7 +139,7 @@ def machine_lines() -> list[str]:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     busy = busy_share()
     lines = [
-        f"machine: {cpu_name()}, {cpu_count()} usable cores; before the start, other processes kept "
+        f"machine: {cpu_name()} ({cpu_flags()}), {cpu_count()} usable cores; before the start, other processes kept "
         f"{100 * busy:.0f}% of the CPU busy (load average {load}, 1/5/15 min)",
         f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), flax {flax.__version__}, "
         f"optax {optax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}",
@@ -194,26 +214,3 @@ def median(values: Sequence[float]) -> float:
 def spread(values: Sequence[float]) -> str:
     """'min-max' of a few repeats, to show how noisy the median is."""
     return f"{number(float(min(values)))}-{number(float(max(values)))}"
-
-
-def matmul_peak(size: int, repeats: int) -> dict[str, float]:
-    """Best float32 FLOP/s of a size x size matmul, in jax and in torch (at its current thread count)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    flops = 2.0 * size**3
-    jax_matmul = jax.jit(jnp.matmul)
-    ja, jb = jax.device_put(a), jax.device_put(b)
-    jax.block_until_ready(jax_matmul(ja, jb))  # compile
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    torch.matmul(ta, tb)
-    best = {"jax": float("inf"), "torch": float("inf")}
-    for _ in range(repeats):  # alternated, so a burst of load elsewhere hits both alike
-        best["jax"] = min(best["jax"], seconds(lambda: jax.block_until_ready(jax_matmul(ja, jb))))
-        best["torch"] = min(best["torch"], seconds(lambda: torch.matmul(ta, tb)))
-    return {name: flops / t for name, t in best.items()}

@@ -18,10 +18,11 @@ from trainer.model import LlamaShape
 
 SETUP_NAMES = ("easylm_debug", "tiny", "smollm2_full", "smollm2_lora")
 BATCH_COUNT = 4  # distinct batches each side cycles through
-DEFAULT_TIMING = dict(steps=10, repeats=5, warmup=3)
-QUICK_TIMING = dict(steps=2, repeats=2, warmup=1)
-# A SmolLM2-135M step takes seconds on 2 cores: fewer of them keep its two setups to a few minutes.
-SMOLLM2_TIMING = dict(steps=2, repeats=3, warmup=1)
+# steps=None: as many steps as fill a timed window of --min-seconds (benchmarks.throughput).
+DEFAULT_TIMING = dict(steps=None, repeats=5, warmup=3)
+QUICK_TIMING = dict(steps=None, repeats=2, warmup=1)
+# A SmolLM2-135M step takes seconds on 2 cores: fewer repeats keep its two setups to a few minutes.
+SMOLLM2_TIMING = dict(steps=None, repeats=3, warmup=1)
 
 # The synthetic examples that the answer-loss setups pack, sized like the preset's data: the
 # rotten_tomatoes train split has 8,530 reviews of 10-87 tokens with SmolLM2's tokenizer (prompt +

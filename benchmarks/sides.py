@@ -52,7 +52,11 @@ class Ours:
 
 
 class Theirs:
-    """The PyTorch peer: LlamaForCausalLM (+ peft LoRA) + AdamW + gradient clipping, float32, eager."""
+    """The PyTorch peer: LlamaForCausalLM (+ peft LoRA) + AdamW + gradient clipping, eager.
+
+    float32 weights and optimizer state; a setup whose shape computes in bfloat16 runs the forward
+    pass and the loss under torch.autocast (bfloat16 matmuls), as PyTorch's users mix precision.
+    """
 
     label = "torch (transformers)"
 
@@ -98,6 +102,7 @@ class Theirs:
             for b in batches
         ]
         self.vocab_size = s.vocab_size
+        self.autocast_dtype = None if s.dtype == "float32" else getattr(torch, s.dtype)
         self.done = 0
 
     def loss(self, batch):
@@ -119,7 +124,9 @@ class Theirs:
         import torch
 
         for _ in range(steps):
-            loss = self.loss(self.batches[self.done % len(self.batches)])
+            mixed = self.autocast_dtype is not None
+            with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16, enabled=mixed):
+                loss = self.loss(self.batches[self.done % len(self.batches)])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.clip > 0:

@@ -1,18 +1,22 @@
 """Train-step throughput against the PyTorch peer, in one run on one machine.
 
-    python -m benchmarks.throughput [--quick] [--steps 10] [--repeats 5]
-                                    [--setups easylm_debug tiny smollm2_full smollm2_lora]
+    python -m benchmarks.throughput [--quick] [--setups easylm_debug tiny smollm2_full smollm2_lora]
+                                    [--dtype float32|bfloat16] [--min-seconds 10] [--repeats 5]
 
-Our jitted `train_step` and a `transformers.LlamaForCausalLM` + `torch.optim.AdamW` loop (float32,
-eager, no torch.compile), each in a worker process of its own (benchmarks/throughput_worker.py),
-take turns, ours then theirs, for several repeats of N steps after a warmup, on the same token
+Our jitted `train_step` and a `transformers.LlamaForCausalLM` + `torch.optim.AdamW` loop (eager, no
+torch.compile), each in a worker process of its own (benchmarks/throughput_worker.py), take turns
+for several repeats of a timed window of at least --min-seconds after a warmup, on the same token
 batches (generated from one seed in each worker), with the same optimizer settings and gradient
-clipping. `easylm_debug` and `tiny` compute the loss on every token (full logits); the SmolLM2-135M
-setups train as conf/model/smollm2_135m.yaml does (packed rows, loss on the answer tokens only),
-all weights (`smollm2_full`) or LoRA adapters beside frozen weights (`smollm2_lora`; the peer
-uses the `peft` library). Reports the median tokens/s of each, their ratio (and that of the best
-repeats, less hurt by a busy machine), and model FLOP utilisation against the float32 matmul peak
-measured in the same run.
+clipping. Ours runs with the malloc settings its entry points apply (trainer/hostmem.py), the
+peer with glibc's; a third worker, ours with the peer's malloc, gives the ratio at equal
+allocator settings beside the one users get. `easylm_debug` and `tiny` compute the loss on every
+token (full logits); the SmolLM2-135M setups train as conf/model/smollm2_135m.yaml does (packed
+rows, loss on the answer tokens only), all weights (`smollm2_full`) or LoRA adapters beside
+frozen weights (`smollm2_lora`; the peer uses the `peft` library). `--dtype bfloat16`: ours with
+model.dtype=bfloat16 (float32 weights and optimizer state), the peer under torch.autocast.
+Reports the median tokens/s of each, their ratios (and those of the best repeats, less hurt by a
+busy machine), and model FLOP utilisation against the best matmul rate numpy, torch and jax
+reach on this machine (benchmarks/peak.py), measured in the same run.
 
 The setups and their FLOP accounting are in benchmarks/setups.py, the two sides in benchmarks/sides.py.
 """
@@ -23,7 +27,8 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import cpu_count, matmul_peak, median, print_header, print_table, spread
+from benchmarks.common import cpu_count, median, number, print_header, print_table, spread
+from benchmarks.peak import PEAK_HEADERS, best_peak, measure_peaks, peak_rows
 from benchmarks.setups import (
     BATCH_COUNT, EXAMPLE_TOKENS_MEAN, EXAMPLE_TOKENS_RANGE, SETUP_NAMES, Setup, adapter_params, flops_formula,
     flops_per_token, make_setups, matmul_params, timing, token_batches,
@@ -34,21 +39,21 @@ from benchmarks.sides import Ours, Theirs
 class Worker:
     """One side in its own process (benchmarks/throughput_worker.py), asked to run N steps at a time."""
 
-    def __init__(self, side: str, label: str, setup: Setup, args) -> None:
+    def __init__(self, side: str, label: str, setup: Setup, args, malloc: str) -> None:
         import subprocess
         import sys
         import tempfile
 
         self.label = label
         self.log = tempfile.TemporaryFile(mode="w+")
-        command = [sys.executable, "-m", "benchmarks.throughput_worker", side, setup.name,
-                   f"--lr={args.lr}", f"--warmup={timing(setup, args)['warmup']}", f"--rewarm={args.rewarm}"]
+        command = [sys.executable, "-m", "benchmarks.throughput_worker", side, setup.name, f"--malloc={malloc}",
+                   f"--dtype={args.dtype}", f"--lr={args.lr}", f"--warmup={timing(setup, args)['warmup']}",
+                   f"--rewarm={args.rewarm}"]
         command += ["--quick"] if args.quick else []
         command += [f"--layers={args.layers}"] if args.layers is not None else []
         command += [f"--torch-threads={args.torch_threads}"] if args.torch_threads else []
-        command += ["--tune-malloc"] if side == "theirs" and args.torch_tuned_malloc else []
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.ready = self._reply()  # first step, warmup, what the side reports of itself
+        self.ready = self._reply()  # first step, warmup, seconds per step, what the side reports of itself
 
     def _reply(self) -> dict:
         import json
@@ -60,11 +65,11 @@ class Worker:
             raise RuntimeError(f"the {self.label} worker exited {self.process.returncode}:\n{self.log.read()[-3000:]}")
         return json.loads(line)
 
-    def run(self, steps: int) -> float:
-        """Seconds of `steps` updates, as the worker timed them."""
-        self.process.stdin.write(f"{steps}\n")
+    def run(self, request: str) -> dict:
+        """One timed window, "N" steps or "T seconds" at least: {steps, seconds}, as the worker timed them."""
+        self.process.stdin.write(f"{request}\n")
         self.process.stdin.flush()
-        return self._reply()["seconds"]
+        return self._reply()
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -114,19 +119,38 @@ def describe_training(setup: Setup, ours: Worker, theirs: Worker, loss_share: fl
     return lines
 
 
+def malloc_name(worker: Worker) -> str:
+    return "one arena, 256 MiB top pad (trainer/hostmem.py)" if worker.ready["malloc_tuned"] else "glibc defaults"
+
+
+def window_request(setup: Setup, args) -> str:
+    """What each timed window asks of a worker: --steps (or the quick default) steps, else --min-seconds."""
+    fixed = timing(setup, args)["steps"]
+    return str(fixed) if fixed is not None else f"{args.min_seconds:g} seconds"
+
+
+def ratio_line(what: str, ours: Worker, theirs: Worker, medians: dict, bests: dict) -> str:
+    return (f"ratio ours/theirs, {what}: {medians[ours.label] / medians[theirs.label]:.2f}x median tokens/s "
+            f"({bests[ours.label] / bests[theirs.label]:.2f}x of the best repeats)")
+
+
 def benchmark(setup: Setup, args, peak: float) -> None:
-    steps, repeats = timing(setup, args)["steps"], timing(setup, args)["repeats"]
-    ours = Worker("ours", Ours.label, setup, args)
-    theirs = Worker("theirs", Theirs.label, setup, args)
+    repeats = timing(setup, args)["repeats"]
+    theirs_malloc = "tuned" if args.torch_tuned_malloc else "default"
+    workers = [Worker("ours", Ours.label, setup, args, "tuned")]
     try:
+        if theirs_malloc != "tuned" and not args.no_same_malloc:
+            workers.append(Worker("ours", f"{Ours.label}, glibc malloc", setup, args, theirs_malloc))
+        workers.append(Worker("theirs", Theirs.label, setup, args, theirs_malloc))
+        ours, theirs = workers[0], workers[-1]
         check_same_model(setup, ours, theirs)
-        times: dict[str, list[float]] = {ours.label: [], theirs.label: []}
-        for _ in range(repeats):  # alternated, so drifting load on a shared machine hits both alike
-            for side in (ours, theirs):
-                times[side.label].append(side.run(steps))
+        windows: dict[str, list[dict]] = {worker.label: [] for worker in workers}
+        for _ in range(repeats):  # alternated, so drifting load on a shared machine hits every side alike
+            for worker in workers:
+                windows[worker.label].append(worker.run(window_request(setup, args)))
     finally:
-        ours.close()
-        theirs.close()
+        for worker in workers:
+            worker.close()
 
     tokens_per_step = setup.batch_size * setup.seq_len
     batches = token_batches(setup, count=BATCH_COUNT)
@@ -134,63 +158,79 @@ def benchmark(setup: Setup, args, peak: float) -> None:
     per_token = flops_per_token(setup.shape, setup.seq_len, setup.finetune, loss_share)
     xla_flops = ours.ready["xla_flops"]
     rows, medians, bests = [], {}, {}
-    for side in (ours, theirs):
-        rates = [steps * tokens_per_step / t for t in times[side.label]]
-        medians[side.label], bests[side.label] = median(rates), max(rates)
-        achieved = per_token * medians[side.label]
+    for worker in workers:
+        rates = [w["steps"] * tokens_per_step / w["seconds"] for w in windows[worker.label]]
+        medians[worker.label], bests[worker.label] = median(rates), max(rates)
+        achieved = per_token * medians[worker.label]
         rows.append([
-            side.label, medians[side.label], spread(rates), 1e3 * tokens_per_step / medians[side.label],
-            achieved / 1e9, f"{100 * achieved / peak:.1f}%", side.ready["first"], side.ready["loss"],
+            worker.label, medians[worker.label], spread(rates), 1e3 * tokens_per_step / medians[worker.label],
+            f"{number(median([w['seconds'] for w in windows[worker.label]]))} s "
+            f"({int(median([w['steps'] for w in windows[worker.label]]))})",
+            achieved / 1e9, f"{100 * achieved / peak:.1f}%", worker.ready["first"], worker.ready["loss"],
         ])
     s = setup.shape
-    def malloc(worker: Worker) -> str:
-        return "one arena, 256 MiB top pad (trainer/hostmem.py)" if worker.ready["malloc_tuned"] else "glibc defaults"
-
     lines = [
         f"-- {setup.name}: {setup.source}",
         f"hidden {s.hidden_size}, ffn {s.intermediate_size}, {s.num_layers} layers, {s.num_heads} heads "
         f"({s.num_kv_heads} kv), vocab {s.vocab_size}{', tied embeddings' if s.tied_embeddings else ''}, "
         f"seq {setup.seq_len}, batch {setup.batch_size}, {s.num_params():,} params ({matmul_params(s):,} in matmuls), "
-        f"float32",
+        + ("float32" if args.dtype == "float32" else
+           f"{args.dtype} compute, float32 weights and optimizer state (torch: autocast {args.dtype})"),
         *describe_training(setup, ours, theirs, loss_share),
-        f"{repeats} repeats x {steps} steps (each after {args.rewarm} untimed) after {timing(setup, args)['warmup']} "
-        f"warmup steps, each side in its own "
-        f"process; torch: {theirs.ready['threads']} threads, attention {theirs.ready['attention']}, malloc "
-        f"{malloc(theirs)}; ours: malloc {malloc(ours)}",
+        f"{repeats} timed windows per side of {window_request(setup, args).replace(' seconds', ' s or more')} "
+        f"(steps), each after {args.rewarm} untimed steps, after "
+        f"{timing(setup, args)['warmup']} warmup steps, each side in its own process; torch: "
+        f"{theirs.ready['threads']} threads, attention {theirs.ready['attention']}, malloc {malloc_name(theirs)}; "
+        f"ours: malloc {malloc_name(ours)}",
         f"FLOPs/token = {flops_formula(setup, loss_share)} = {per_token / 1e6:.3f} MFLOP "
         f"({per_token * tokens_per_step / 1e9:.2f} GFLOP/step; XLA counts {xla_flops / 1e9:.2f} GFLOP "
         f"in our whole step)",
     ]
     print_table(
         rows,
-        ["side", "tokens/s (median)", "tokens/s (min-max)", "ms/step", "model GFLOP/s", "MFU",
+        ["side", "tokens/s (median)", "tokens/s (min-max)", "ms/step", "window s (steps)", "model GFLOP/s", "MFU",
          "first step s", "loss after warmup"],
         title="\n   ".join(lines),
     )
-    print(f"ratio ours/theirs (median tokens/s): {medians[ours.label] / medians[theirs.label]:.2f}x "
-          f"(of the best repeats: {bests[ours.label] / bests[theirs.label]:.2f}x)\n")
-
+    if max(medians.values()) * per_token > peak:
+        print("note: MFU above 100%: the machine was busier while the peaks were timed than during these steps; "
+              "run again on an idle machine")
+    print(ratio_line(f"each as its users run it (ours: {malloc_name(ours)}; torch: {malloc_name(theirs)})",
+                     ours, theirs, medians, bests))
+    if len(workers) == 3:
+        print(ratio_line(f"the same allocator on both ({malloc_name(theirs)})", workers[1], theirs, medians, bests))
+        print(f"our tuned malloc is worth {medians[ours.label] / medians[workers[1].label]:.2f}x to ours here")
+    print()
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of a few seconds a setup")
     parser.add_argument("--setups", nargs="+", default=list(SETUP_NAMES), choices=SETUP_NAMES)
-    parser.add_argument("--steps", type=int, help="steps per timed repeat (default 10, smollm2 2; quick 2)")
-    parser.add_argument("--repeats", type=int, help="timed repeats per side (default 5, smollm2 3; quick 2)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype: bfloat16 is ours with model.dtype=bfloat16 against torch.autocast")
+    parser.add_argument("--min-seconds", type=float,
+                        help="each timed window runs steps until this long has passed (default 10; quick 0.05)")
+    parser.add_argument("--steps", type=int, help="a fixed number of steps per timed window instead of --min-seconds")
+    parser.add_argument("--repeats", type=int, help="timed windows per side (default 5, smollm2 3; quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps after the first (default 3, smollm2 1; quick 1)")
     parser.add_argument("--rewarm", type=int, default=1,
-                        help="untimed steps before each timed repeat, after the other side ran (default 1)")
+                        help="untimed steps before each timed window, after the other sides ran (default 1)")
     parser.add_argument("--layers", type=int,
                         help="build every setup with this many layers (a faster smoke test; not the real shapes)")
-    parser.add_argument("--matmul-size", type=int, help="side of the peak matmul (default 4096; quick 256)")
+    parser.add_argument("--peak-sizes", type=int, nargs="+",
+                        help="sides of the peak matmuls (default 1024 2048 4096; quick 256)")
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: the usable cores)")
     parser.add_argument("--torch-tuned-malloc", action="store_true",
                         help="give the PyTorch process our malloc settings too (trainer/hostmem.py)")
+    parser.add_argument("--no-same-malloc", action="store_true",
+                        help="leave out the third worker (ours with the peer's malloc settings)")
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
-    if args.matmul_size is None:
-        args.matmul_size = 256 if args.quick else 4096
+    quick_peak = args.quick or args.layers is not None
+    if args.min_seconds is None:
+        args.min_seconds = 0.05 if args.quick else 10.0
+    args.peak_sizes = args.peak_sizes or ([256] if args.quick else [1024, 2048, 4096])
     for key in ("steps", "repeats", "layers"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key}={getattr(args, key)} must be at least 1")
@@ -208,23 +248,22 @@ def main(argv=None) -> None:
     import transformers
 
     peft_line = f"peft {peft.__version__} for the PyTorch side's LoRA" if peft else "peft not installed"
-    torch.set_num_threads(args.torch_threads or cpu_count())
-    peaks = matmul_peak(args.matmul_size, repeats=3)
-    peak = max(peaks.values())
+    threads = args.torch_threads or cpu_count()
     print_header(
         "train-step throughput: ours (jax) against the PyTorch peer",
-        [
-            f"torch {torch.__version__}, transformers {transformers.__version__}, {peft_line}: "
-            f"{torch.get_num_threads()} intra-op threads, {torch.get_num_interop_threads()} inter-op threads "
-            f"(XLA sizes its own pool); the matmul peak is measured in this process, the steps in one per side",
-            f"float32 matmul peak ({args.matmul_size}x{args.matmul_size}, best of 3): "
-            f"jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch {peaks['torch'] / 1e9:.1f} GFLOP/s; "
-            f"MFU uses the larger, {peak / 1e9:.1f} GFLOP/s",
-        ],
+        [f"torch {torch.__version__}, transformers {transformers.__version__}, {peft_line}: {threads} intra-op "
+         "threads (XLA sizes its own pool); the matmul peaks and each side's steps run in processes of their own"],
     )
+    dtypes = ["float32"] + ([args.dtype] if args.dtype != "float32" else [])
+    repeats, min_seconds = (2, 0.05) if quick_peak else (5, 0.5)
+    measured = measure_peaks(args.peak_sizes, dtypes, repeats=repeats, min_seconds=min_seconds, threads=threads)
+    print_table(peak_rows(measured), PEAK_HEADERS,
+                title=f"matmul peaks (benchmarks/peak.py): best of {repeats} runs of at least {min_seconds:g} s")
+    peak, where = best_peak(measured, args.dtype)
+    print(f"MFU divides by the best {args.dtype} matmul rate above: {peak:.1f} GFLOP/s ({where})\n")
     setups = make_setups(args.quick, args.layers)
     for name in args.setups:
-        benchmark(setups[name], args, peak)
+        benchmark(setups[name], args, peak * 1e9)
 
 
 if __name__ == "__main__":

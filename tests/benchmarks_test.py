@@ -28,13 +28,22 @@ def run_quick(env: dict[str, str], name: str, *flags: str, timeout: float = 240)
 
 
 def test_throughput_quick_prints_both_sides_ratio_and_mfu(sweeper_env):
+    from benchmarks.common import cpu_flags
+
     # smollm2_lora needs peft; it has a test of its own below.
     out = run_quick(sweeper_env, "throughput", "--setups", "easylm_debug", "tiny", "smollm2_full")
-    assert "float32 matmul peak" in out and "torch 2." in out
+    assert f"({cpu_flags()})" in out and "torch 2." in out
+    assert "matmul peaks (benchmarks/peak.py)" in out and "MFU divides by the best float32 matmul rate" in out
+    for library in ("| numpy ", "| torch ", "| jax "):
+        assert library in out
     for setup in ("easylm_debug", "tiny", "smollm2_full"):
         assert f"-- {setup}" in out
-    assert out.count("| ours (jax)") == 3 and out.count("| torch (transformers)") == 3  # a table row each
-    assert out.count("ratio ours/theirs (median tokens/s):") == 3
+    assert out.count("| ours (jax) ") == 3 and out.count("| torch (transformers)") == 3  # a table row each
+    # Ours with the peer's malloc beside ours as users run it, and both ratios.
+    assert out.count("| ours (jax), glibc malloc") == 3
+    assert out.count("ratio ours/theirs, each as its users run it") == 3
+    assert out.count("ratio ours/theirs, the same allocator on both (glibc defaults)") == 3
+    assert "timed windows per side of 0.05 s or more" in out
     assert "MFU" in out and "FLOPs/token = 6*" in out
     assert out.count("loss on every token") == 2
     assert "full fine-tuning: all 11,799,360 params train" in out  # SmolLM2's structure, 2 layers, vocab 8192
@@ -44,11 +53,21 @@ def test_throughput_quick_prints_both_sides_ratio_and_mfu(sweeper_env):
 def test_throughput_quick_lora_setup_against_peft(sweeper_env):
     pytest.importorskip("peft", reason="the PyTorch side of smollm2_lora uses peft: pip install -e '.[bench]'")
     out = run_quick(sweeper_env, "throughput", "--setups", "smollm2_lora")
-    assert "-- smollm2_lora" in out and out.count("| ours (jax)") == 1 and out.count("| torch (transformers)") == 1
+    assert "-- smollm2_lora" in out and out.count("| ours (jax) ") == 1 and out.count("| torch (transformers)") == 1
     assert "LoRA rank 8, alpha 16, dropout 0 on q,k,v,o,gate,up,down: 162,816 adapter params train" in out
     assert "LoraConfig, AdamW over the adapters only" in out and "peft 0." in out
     assert "frozen weights count 4 (no weight gradient), not 6" in out
-    assert "ratio ours/theirs (median tokens/s):" in out
+    assert "ratio ours/theirs, each as its users run it" in out
+
+
+def test_throughput_quick_bfloat16_against_torch_autocast(sweeper_env):
+    out = run_quick(sweeper_env, "throughput", "--setups", "easylm_debug", "--dtype", "bfloat16", "--no-same-malloc")
+    peaks = out.split("matmul peaks (benchmarks/peak.py)")[1].split("MFU divides")[0]
+    assert "| bfloat16 " in peaks and "| float32 " in peaks  # the float32 peak is printed beside
+    assert "MFU divides by the best bfloat16 matmul rate" in out
+    assert "bfloat16 compute, float32 weights and optimizer state (torch: autocast bfloat16)" in out
+    assert "glibc malloc" not in out.split("-- easylm_debug")[1].split("ratio")[0]
+    assert out.count("ratio ours/theirs, each as its users run it") == 1
 
 
 def test_epoch_quick_prints_both_layouts_padding_and_ratio(sweeper_env):
@@ -89,6 +108,42 @@ def test_flops_per_token_of_easylm_debug_by_hand():
     # Per layer q, k, v, o (4 x 128 x 128) and gate, up, down (3 x 128 x 256); the output head 128 x 1024.
     assert matmul_params(shape) == 2 * (4 * 128 * 128 + 3 * 128 * 256) + 128 * 1024 == 458_752
     assert flops_per_token(shape, 256) == 6 * 458_752 + 12 * 2 * 256 * 128
+
+
+def test_peak_is_the_best_rate_of_any_library_and_size_of_that_dtype():
+    from benchmarks.peak import best_peak
+
+    measured = [
+        {"library": "numpy", "results": [{"dtype": "float32", "size": 1024, "gflops": 90.0, "runs": [90.0]}]},
+        {"library": "jax", "results": [{"dtype": "float32", "size": 2048, "gflops": 280.0, "runs": [200.0, 280.0]},
+                                       {"dtype": "bfloat16", "size": 2048, "gflops": 150.0, "runs": [150.0]}]},
+        {"library": "torch", "results": [{"dtype": "float32", "size": 4096, "gflops": 185.0, "runs": [185.0]},
+                                         {"dtype": "bfloat16", "size": 1024, "gflops": 400.0, "runs": [400.0]}]},
+    ]
+    assert best_peak(measured, "float32") == (280.0, "jax 2048")
+    assert best_peak(measured, "bfloat16") == (400.0, "torch 1024")
+    with pytest.raises(ValueError, match="no float16 matmul was timed"):
+        best_peak(measured, "float16")
+
+
+def test_peak_worker_times_each_size_in_its_own_process():
+    from benchmarks.peak import measure_peaks
+
+    (measured,) = measure_peaks(sizes=(64, 128), repeats=2, min_seconds=0.01, libraries=("numpy",))
+    assert measured["info"].startswith("numpy ")
+    timed = [(r["dtype"], r["size"], len(r["runs"])) for r in measured["results"]]
+    assert timed == [("float32", 64, 2), ("float32", 128, 2)]
+    assert all(r["gflops"] == max(r["runs"]) > 0 for r in measured["results"])
+
+
+def test_cpu_flags_name_the_matmul_units_and_a_missing_amx(monkeypatch):
+    from benchmarks import common
+
+    fields = {"flags": "fpu sse2 avx2 fma avx512f avx512_bf16 avx512_vnni", "model name": "AMD EPYC"}
+    monkeypatch.setattr(common, "cpu_info_field", lambda name: fields.get(name, ""))
+    assert common.cpu_flags() == "avx2 fma avx512f avx512_vnni avx512_bf16 (no AMX)"
+    fields["flags"] += " amx_tile amx_bf16"
+    assert common.cpu_flags() == "avx2 fma avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16"
 
 
 def test_smollm2_setups_train_as_the_preset_on_its_real_shape():

@@ -1,5 +1,7 @@
+import dataclasses
 import itertools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +201,29 @@ def test_chunked_head_loss_gives_the_head_the_same_gradient():
 
     chunked, full = jax.grad(loss)(params, 64), jax.grad(loss)(params, 10**9)
     np.testing.assert_allclose(chunked["head_DxV"][...], full["head_DxV"][...], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_tracks_the_float32_loss():
+    # model.dtype=bfloat16 with param_dtype float32: mixed precision, float32 master weights.
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        shape = dataclasses.replace(SHAPE, dtype=dtype)
+        optimizer = Optimizer.from_config(OptimConfig())
+        hparams = Hyperparams.create(lr=1e-2, warmup=0, total_steps=100, cfg=OptimConfig())
+        graphdef, state = create_state(init_model(shape, 0), optimizer, hparams)
+        step_fn = make_train_step(graphdef, optimizer, 1)
+        batches = [as_device_batch(random_batch(i)) for i in range(2)]
+        program = step_fn.lower(state, batches[0]).as_text()
+        history = []
+        for step in range(30):
+            state, metrics = step_fn(state, batches[step % 2])
+            history.append(float(metrics["loss"]))
+        losses[dtype] = np.array(history)
+    # The bfloat16 program multiplies bfloat16 operands; the weights and Adam's moments stay float32.
+    bf16_products = re.findall(r"dot_general[^\n]*\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\)", program)
+    assert len(bf16_products) >= 7 * SHAPE.num_layers  # q, k, v, o, gate, up, down in each layer, forward alone
+    floats = [x for x in jax.tree.leaves((state.params, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    assert losses["bfloat16"][-1] < 0.2 * losses["bfloat16"][0]
+    # bfloat16 master weights drift from this curve by 0.13; bfloat16 compute alone stays within 0.04.
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], atol=0.08)

@@ -2,11 +2,12 @@
 
 Each execution of a compiled program allocates its temporary buffers afresh. With glibc's
 defaults, the threads of XLA's pool allocate from per-thread arenas whose memory is handed back
-to the kernel when freed and faulted in again on the next step: on the EasyLM debug config a
-train step took ~1 million page faults per 80 steps and 52 ms; with one arena (the main heap,
-grown by sbrk) that keeps 256 MiB of slack, 150 thousand faults and 39-44 ms
-(benchmarks/README.md, "host memory"). Only for CPU-only installs: an accelerator's host
-threads are better served by glibc's per-thread arenas, and its buffers live on the device.
+to the kernel when freed and faulted in again on the next step; one arena (the main heap, grown
+by sbrk) that keeps 256 MiB of slack stops most of those page faults. What that is worth depends
+on the machine and the model: `python -m benchmarks.throughput` times ours both ways in every
+run, and benchmarks/README.md ("host memory") gives the dated figures per machine. Only for
+CPU-only installs: an accelerator's host threads are better served by glibc's per-thread arenas,
+and its buffers live on the device.
 
 Set LLM_SWEEPER_MALLOC=default to keep glibc's defaults.
 """
