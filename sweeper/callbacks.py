@@ -71,7 +71,9 @@ def _lock_sweep_dir(sweep_dir: Path) -> None:
 
 def _send_pending(launch_dir: Path, sweep_dir: Path, window: float) -> None:
     """Send what earlier sweeps from this directory could not (their outboxes), before starting."""
-    folders = [launch_dir / "multirun", launch_dir / "outputs", sweep_dir.parent]
+    # Hydra's default folders, and this sweep's own (a fixed hydra.sweep.dir used again); never a
+    # fixed folder's parent, which could be any large tree.
+    folders = [launch_dir / "multirun", launch_dir / "outputs", sweep_dir]
     pending = outbox.pending_outboxes(list(dict.fromkeys(folders)))
     if not pending:
         return
