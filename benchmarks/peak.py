@@ -9,7 +9,8 @@ so every library is timed at every size and the best rate of all is the peak. Ea
 in a process of its own, so another library's idle threads (PyTorch's OpenMP threads spin for a
 while after each call) never share the cores with it; each figure is the best of `--repeats`
 timed runs, each run calling the matmul for at least `--min-seconds`. numpy has no bfloat16 matmul
-of its own, so bfloat16 is timed in torch and jax only.
+of its own, so bfloat16 is timed in torch and jax only (jax's with a float32 result, as
+trainer/matmul.py multiplies).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def matmul_function(library: str, dtype: str, size: int):
     import jax.numpy as jnp
 
     ja, jb = (jnp.asarray(x, dtype=dtype) for x in (a, b))
-    product = jax.jit(jnp.matmul)
+    # A float32 result, as the model's products have (trainer/matmul.py): XLA's CPU backend runs a
+    # bfloat16 product natively only then (a bfloat16 result takes the float32 path).
+    product = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     return lambda: jax.block_until_ready(product(ja, jb))
 
 

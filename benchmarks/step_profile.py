@@ -1,6 +1,6 @@
 """Where our train step's time goes: its parts timed apart, and the XLA ops that a profile shows.
 
-    python -m benchmarks.step_profile [--quick] [--setups tiny easylm_debug] [--top 15]
+    python -m benchmarks.step_profile [--quick] [--setups tiny easylm_debug] [--dtype bfloat16] [--top 15]
 
 Each part is jitted on its own and timed (best of 3 rounds of --calls calls): the whole
 train_step, the forward loss, forward + backward, the optimizer update alone, and the forward +
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import re
 import tempfile
@@ -122,13 +123,16 @@ def main(argv=None) -> None:
     parser.add_argument("--setups", nargs="+", choices=["easylm_debug", "tiny"])
     parser.add_argument("--calls", type=int, help="calls per timing round (default 5; quick 2)")
     parser.add_argument("--top", type=int, default=15, help="XLA ops to list")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="compute dtype (model.dtype; the weights stay float32)")
     args = parser.parse_args(argv)
     setups = args.setups or (["tiny"] if args.quick else ["tiny", "easylm_debug"])
     calls = args.calls or (2 if args.quick else 5)
 
-    print_header("where our train step's time goes (float32, loss on every token)")
+    print_header(f"where our train step's time goes ({args.dtype} compute, loss on every token)")
     for name in setups:
         setup = make_setups(args.quick)[name]
+        setup = dataclasses.replace(setup, shape=dataclasses.replace(setup.shape, dtype=args.dtype))
         ours = Ours(setup, token_batches(setup, count=1), optim_preset(), lr=1e-3)
         tokens = setup.batch_size * setup.seq_len
         parts = {part: best_ms(fn, calls) for part, fn in part_functions(ours, setup).items()}

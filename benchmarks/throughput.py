@@ -131,7 +131,7 @@ def window_request(setup: Setup, args) -> str:
 
 def ratio_line(what: str, ours: Worker, theirs: Worker, medians: dict, bests: dict) -> str:
     return (f"ratio ours/theirs, {what}: {medians[ours.label] / medians[theirs.label]:.2f}x median tokens/s "
-            f"({bests[ours.label] / bests[theirs.label]:.2f}x of the best repeats)")
+            f"({bests[ours.label] / bests[theirs.label]:.2f}x of the best windows)")
 
 
 def benchmark(setup: Setup, args, peak: float) -> None:
@@ -195,8 +195,11 @@ def benchmark(setup: Setup, args, peak: float) -> None:
     if max(medians.values()) * per_token > peak:
         print("note: MFU above 100%: the machine was busier while the peaks were timed than during these steps; "
               "run again on an idle machine")
-    print(ratio_line(f"each as its users run it (ours: {malloc_name(ours)}; torch: {malloc_name(theirs)})",
-                     ours, theirs, medians, bests))
+    if ours.ready["malloc_tuned"] == theirs.ready["malloc_tuned"]:
+        what = f"the same allocator on both ({malloc_name(ours)})"
+    else:
+        what = f"each as its users run it (ours: {malloc_name(ours)}; torch: {malloc_name(theirs)})"
+    print(ratio_line(what, ours, theirs, medians, bests))
     if len(workers) == 3:
         print(ratio_line(f"the same allocator on both ({malloc_name(theirs)})", workers[1], theirs, medians, bests))
         print(f"our tuned malloc is worth {medians[ours.label] / medians[workers[1].label]:.2f}x to ours here")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from trainer.config import ModelConfig
+from trainer.matmul import matmul
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,17 @@ def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
 
     XLA's CPU backend differentiates a (rows, in) @ (in, out) product about 2x faster than the
     same contraction written over (B, T, ...) axes (a 2048 x 128 x 256 product on the 2-core
-    development machine: forward + backward 1.24 ms against 2.38 ms).
+    AMD EPYC, 2026-11-28: forward + backward 1.24 ms against 2.38 ms).
     """
+    return dense_f32(x, w, in_dims).astype(x.dtype)
+
+
+def dense_f32(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
+    """`dense`, accumulated and returned in float32 (trainer/matmul.py: bfloat16 operands stay
+    bfloat16 in the backward pass too)."""
     lead, fan_in = x.shape[: x.ndim - in_dims], w.shape[:in_dims]
     out = w.shape[in_dims:]
-    y = x.reshape(-1, math.prod(fan_in)) @ w.reshape(math.prod(fan_in), -1)
+    y = matmul(x.reshape(-1, math.prod(fan_in)), w.reshape(math.prod(fan_in), -1))
     return y.reshape(*lead, *out)
 
 
@@ -178,13 +185,13 @@ def _attend(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1x1xTxS):
     b, kv_heads, groups, t, h = q_BxKxGxTxH.shape
     s = k_BxKxSxH.shape[2]
     q_BxKxQxH = q_BxKxGxTxH.reshape(b, kv_heads, groups * t, h)
-    scores = jnp.einsum("BKQH,BKSH->BKQS", q_BxKxQxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+    scores = matmul(q_BxKxQxH, k_BxKxSxH, contract=(-1, -1))
     scores = jnp.where(mask_Bx1x1xTxS, scores.reshape(b, kv_heads, groups, t, s), jnp.finfo(jnp.float32).min)
     shift = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
     weights = jnp.exp(scores - shift)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     weights_BxKxQxS = weights.reshape(b, kv_heads, groups * t, s).astype(v_BxKxSxH.dtype)
-    out = jnp.einsum("BKQS,BKSH->BKQH", weights_BxKxQxS, v_BxKxSxH, preferred_element_type=jnp.float32)
+    out = matmul(weights_BxKxQxS, v_BxKxSxH)
     return (out.reshape(b, kv_heads, groups, t, h) / total).astype(v_BxKxSxH.dtype)
 
 
@@ -196,7 +203,8 @@ def masked_attention(q_BxNxTxH, k_BxKxSxH, v_BxKxSxH, mask_Bx1xTxS, block: int =
     rows (more when that would make over MAX_ATTENTION_BLOCKS blocks), each against the keys up
     to its last row only: the masked upper triangle is never computed. With the points of
     `_attend`, attention forward + backward at the EasyLM debug sizes (B=8, T=256, 4 heads of 32)
-    took 3.3 ms against 7.6 ms for one masked softmax over repeated heads, on XLA's CPU backend.
+    took 3.3 ms against 7.6 ms for one masked softmax over repeated heads (XLA:CPU, 2-core AMD
+    EPYC, 2026-11-28).
     """
     b, n, t, h = q_BxNxTxH.shape
     kv_heads, s = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
@@ -369,7 +377,7 @@ class Llama(nnx.Module):
 
     def logits(self, x_BxTxD):
         dt = jnp.dtype(self.shape.dtype)
-        return dense(x_BxTxD, self.head_weight().astype(dt)).astype(jnp.float32)
+        return dense_f32(x_BxTxD, self.head_weight().astype(dt))
 
 
 def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -384,7 +392,7 @@ def head_losses(model: "Llama", hidden_BxTxD: jax.Array, targets_BxT: jax.Array,
 
     The full (B*T, V) logits of a large vocabulary overflow the CPU's caches and every pass over
     them is memory-bound; chunks that are recomputed in the backward pass (jax.checkpoint) make
-    the tiny preset's full-loss step 1.66x faster (benchmarks/README.md, step_profile). Equal to
+    the tiny preset's full-loss step 1.66x faster (2-core AMD EPYC, 2026-11-28). Equal to
     `token_losses(model.logits(hidden), targets)`.
     """
     batch, length, dim = hidden_BxTxD.shape
@@ -397,7 +405,7 @@ def head_losses(model: "Llama", hidden_BxTxD: jax.Array, targets_BxT: jax.Array,
     @jax.checkpoint
     def chunk_losses(args):
         hidden_CxD, targets_C = args
-        logits_CxV = (hidden_CxD @ head_DxV.astype(dt)).astype(jnp.float32)
+        logits_CxV = matmul(hidden_CxD, head_DxV.astype(dt))
         return token_losses(logits_CxV, targets_C)
 
     losses = jax.lax.map(
