@@ -12,12 +12,15 @@ import pytest
 
 from trainer.matmul import matmul
 
-# (contract, a's shape, b's shape): a @ b, a @ b.T, a.T @ b, a.T @ b.T; with and without batch axes.
+# (contract, a's shape, b's shape): a @ b, a @ b.T, a.T @ b, a.T @ b.T; with and without batch
+# axes; an even contracted row count goes as two axes (matmul._product), an odd one as one.
 CASES = [
     ((-1, -2), (6, 16), (16, 12)),
     ((-1, -1), (2, 3, 6, 16), (2, 3, 12, 16)),
     ((-2, -2), (3, 16, 6), (3, 16, 12)),
     ((-2, -1), (16, 6), (12, 16)),
+    ((-1, -2), (7, 16), (16, 12)),  # an odd row count: a.T @ g over one axis
+    ((-2, -2), (2, 9, 6), (2, 9, 12)),
 ]
 
 
@@ -35,7 +38,7 @@ def bf16_exact(key, shape):
 
 
 @pytest.mark.parametrize("contract,a_shape,b_shape", CASES)
-def test_float32_operands_take_xlas_own_product_and_derivative(contract, a_shape, b_shape):
+def test_float32_products_and_derivatives_equal_an_einsums(contract, a_shape, b_shape):
     keys = jax.random.split(jax.random.key(0), 3)
     a, b = jax.random.normal(keys[0], a_shape), jax.random.normal(keys[1], b_shape)
     weights = jax.random.normal(keys[2], reference(a, b, contract).shape)

@@ -4,16 +4,17 @@ XLA's CPU backend runs a bfloat16 x bfloat16 product natively (AVX-512 BF16 thro
 only when its result is float32 and its left operand contracts its last axis; any other
 bfloat16 product (a bfloat16 result, one operand in float32, a.T @ b) is converted and run as a
 float32 product. JAX's own derivative of `dot(a, b, preferred_element_type=float32)` multiplies
-the float32 cotangent with a bfloat16 operand, a mixed product, so the backward pass (two thirds
-of the work) would run at the float32 rate. `matmul` keeps all three products of a training
-step bfloat16 x bfloat16 -> float32, as PyTorch's autocast does (the incoming cotangent is rounded
-to the operands' dtype). Of a dense layer's three, the forward product and the input's gradient
-then run natively; the weight's gradient (x.T @ g, contracting the rows of both) still takes the
-float32 path, since XLA folds any transpose written before it back into the product.
+the float32 cotangent with a bfloat16 operand, a mixed product, and a dense layer's weight
+gradient is x.T @ g, so the backward pass (two thirds of the work) ran at the float32 rate.
+`matmul` keeps all three products of a training step bfloat16 x bfloat16 -> float32, as
+PyTorch's autocast does (the incoming cotangent is rounded to the operands' dtype), and writes
+a.T @ b so that XLA transposes a and runs the product in YNNPACK (see `_product`); float32
+operands take the same derivative, whose a.T @ b then runs in YNNPACK rather than Eigen.
 
-On the 2-core AMD EPYC (`avx512_bf16`, no AMX; 2026-11-30, idle), 2048 x 2048 products: 907-947
-GFLOP/s bfloat16 -> float32, 427-475 float32, 358 bfloat16 -> bfloat16, 247-338 for a bfloat16
-a.T @ b.
+On the 2-core AMD EPYC (`avx512_bf16`, no AMX; 2026-11-30, idle), 2048 x 2048 products in
+GFLOP/s: bfloat16 -> float32 907-947, float32 427-475, bfloat16 -> bfloat16 358; a.T @ b in
+bfloat16 345 over one axis, 903-909 over two; forward + backward of x @ w (4096 x 1024 x 2048)
+in bfloat16 406 with jax's derivative and the one-axis a.T @ b, 645 with both changes.
 
 Operands share their leading (batch) axes; each contributes one of its last two axes to the
 contraction: `contract=(-1, -2)` is a @ b, `(-1, -1)` is a @ b.T, `(-2, -2)` is a.T @ b.
@@ -33,7 +34,22 @@ def _free(axis: int) -> int:
 
 def _product(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
     batch = a.ndim - 2
-    dims = (((a.ndim + contract[0],), (b.ndim + contract[1],)), (tuple(range(batch)), tuple(range(batch))))
+    rows = a.shape[-2]
+    if contract[0] == -2 and rows % 2 == 0 and jax.default_backend() == "cpu":
+        # a.T @ b: written as a contraction over two axes (the rows split in halves), which XLA
+        # rewrites into a transpose of a and a product YNNPACK runs; over one axis XLA:CPU folds
+        # any transpose into the product, which then runs as a float32 Eigen product. (GPU and
+        # TPU compilers multiply a.T @ b as it stands.)
+        a = a.reshape(*a.shape[:batch], 2, rows // 2, a.shape[-1])
+        if contract[1] == -2:
+            b = b.reshape(*b.shape[:batch], 2, rows // 2, b.shape[-1])
+            b_axes = (batch, batch + 1)
+        else:
+            b = b.reshape(*b.shape[:batch], b.shape[-2], 2, rows // 2)
+            b_axes = (batch + 1, batch + 2)
+        dims = (((batch, batch + 1), b_axes), (tuple(range(batch)), tuple(range(batch))))
+    else:
+        dims = (((a.ndim + contract[0],), (b.ndim + contract[1],)), (tuple(range(batch)), tuple(range(batch))))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
@@ -61,17 +77,12 @@ _matmul.defvjp(_forward, _backward)
 
 
 def matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int] = (-1, -2)) -> jax.Array:
-    """The float32 product of a and b over their leading batch axes (see the module's text).
-
-    float32 operands take XLA's own product and derivative; lower-precision ones (both of one
-    dtype) take the float32-accumulating forward and backward products above.
-    """
+    """The float32 product of a and b (one dtype) over their leading batch axes; its derivative
+    multiplies in that dtype with float32 accumulation (see the module's text)."""
     if a.ndim != b.ndim or a.ndim < 2:
         raise ValueError(f"matmul takes operands with the same number (>= 2) of axes, got {a.shape} and {b.shape}")
     if contract[0] not in (-1, -2) or contract[1] not in (-1, -2):
         raise ValueError(f"contract names one of each operand's last two axes (-1 or -2), got {contract}")
     if a.dtype != b.dtype:
         raise ValueError(f"matmul operands differ in dtype: {a.dtype} and {b.dtype}; cast one first")
-    if a.dtype == jnp.float32:
-        return _product(a, b, contract)
     return _matmul(a, b, contract)
