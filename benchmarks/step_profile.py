@@ -120,7 +120,7 @@ def short_source(op_name: str) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step_profile", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one setup: a smoke run")
-    parser.add_argument("--setups", nargs="+", choices=["easylm_debug", "tiny"])
+    parser.add_argument("--setups", nargs="+", choices=["easylm_debug", "tiny", "smollm2_full", "smollm2_lora"])
     parser.add_argument("--calls", type=int, help="calls per timing round (default 5; quick 2)")
     parser.add_argument("--top", type=int, default=15, help="XLA ops to list")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
