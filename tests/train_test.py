@@ -220,8 +220,13 @@ def test_bfloat16_compute_keeps_float32_weights_and_tracks_the_float32_loss():
             history.append(float(metrics["loss"]))
         losses[dtype] = np.array(history)
     # The bfloat16 program multiplies bfloat16 operands; the weights and Adam's moments stay float32.
-    bf16_products = re.findall(r"dot_general[^\n]*\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\)", program)
-    assert len(bf16_products) >= 7 * SHAPE.num_layers  # q, k, v, o, gate, up, down in each layer, forward alone
+    products = re.findall(r"dot_general[^\n]*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", program)
+    bf16_products = [p for p in products if p[0].endswith("xbf16>") and p[1].endswith("xbf16>")]
+    # q, k, v, o, gate, up, down in each layer: forward, the input's gradient, the weight's gradient
+    assert len(bf16_products) >= 3 * 7 * SHAPE.num_layers
+    # No product mixes bfloat16 with float32 (XLA:CPU would run it converted, as float32).
+    assert not [p for p in products if p[0][-5:] != p[1][-5:]]
+    assert all(p[2].endswith("xf32>") for p in bf16_products)  # accumulated in float32
     floats = [x for x in jax.tree.leaves((state.params, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
     assert losses["bfloat16"][-1] < 0.2 * losses["bfloat16"][0]

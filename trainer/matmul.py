@@ -8,8 +8,8 @@ the float32 cotangent with a bfloat16 operand, a mixed product, and a dense laye
 gradient is x.T @ g, so the backward pass (two thirds of the work) ran at the float32 rate.
 `matmul` keeps all three products of a training step bfloat16 x bfloat16 -> float32, as
 PyTorch's autocast does (the incoming cotangent is rounded to the operands' dtype), and writes
-a.T @ b so that XLA transposes a and runs the product in YNNPACK (see `_product`); float32
-operands take the same derivative, whose a.T @ b then runs in YNNPACK rather than Eigen.
+a.T @ b so that XLA transposes a and runs the product in YNNPACK (see `_product`). float32
+operands keep jax's own product and derivative.
 
 On the 2-core AMD EPYC (`avx512_bf16`, no AMX; 2026-11-30, idle), 2048 x 2048 products in
 GFLOP/s: bfloat16 -> float32 907-947, float32 427-475, bfloat16 -> bfloat16 358; a.T @ b in
@@ -77,12 +77,17 @@ _matmul.defvjp(_forward, _backward)
 
 
 def matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int] = (-1, -2)) -> jax.Array:
-    """The float32 product of a and b (one dtype) over their leading batch axes; its derivative
-    multiplies in that dtype with float32 accumulation (see the module's text)."""
+    """The float32 product of a and b (one dtype) over their leading batch axes; for a lower
+    precision, its derivative multiplies in that dtype with float32 accumulation (see the
+    module's text)."""
     if a.ndim != b.ndim or a.ndim < 2:
         raise ValueError(f"matmul takes operands with the same number (>= 2) of axes, got {a.shape} and {b.shape}")
     if contract[0] not in (-1, -2) or contract[1] not in (-1, -2):
         raise ValueError(f"contract names one of each operand's last two axes (-1 or -2), got {contract}")
     if a.dtype != b.dtype:
         raise ValueError(f"matmul operands differ in dtype: {a.dtype} and {b.dtype}; cast one first")
+    if a.dtype == jnp.float32:
+        # jax's own derivative: the custom one below (with a.T @ b in YNNPACK) made a LoRA trial
+        # on SmolLM2-135M 12% slower in float32 (30 steps: 143-148 s against 123-132 s).
+        return _product(a, b, contract)
     return _matmul(a, b, contract)
