@@ -405,7 +405,7 @@ def head_losses(model: "Llama", hidden_BxTxD: jax.Array, targets_BxT: jax.Array,
     @jax.checkpoint
     def chunk_losses(args):
         hidden_CxD, targets_C = args
-        logits_CxV = matmul(hidden_CxD, head_DxV.astype(dt))
+        logits_CxV = dense_f32(hidden_CxD, head_DxV.astype(dt))
         return token_losses(logits_CxV, targets_C)
 
     losses = jax.lax.map(
