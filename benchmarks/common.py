@@ -113,6 +113,20 @@ def cpu_flags() -> str:
     return " ".join(present) + (" (no AMX)" if x86 and "amx_tile" not in reported else "")
 
 
+def accelerator_name() -> str:
+    """What JAX runs on: 'NVIDIA H200', or 'cpu' where it runs on the host."""
+    import jax
+
+    return jax.devices()[0].device_kind if jax.default_backend() != "cpu" else "cpu"
+
+
+def default_device() -> str:
+    """'gpu' where JAX's default backend is a GPU, else 'cpu': where a benchmark runs when not told."""
+    import jax
+
+    return "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else "cpu"
+
+
 def busy_share(interval: float = 0.5) -> float:
     """Share of all cores that other processes kept busy over `interval` seconds (this one sleeps)."""
     def sample() -> tuple[int, int]:
@@ -144,6 +158,9 @@ def machine_lines() -> list[str]:
         f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), flax {flax.__version__}, "
         f"optax {optax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '(unset)')!r}",
     ]
+    if jax.default_backend() != "cpu":
+        lines.append(f"accelerator: {accelerator_name()} ({jax.device_count()} device, jax {jax.default_backend()}); "
+                     "the steps and the peaks run there, the machine line above is its host")
     if busy > 0.2:
         lines.append(
             f"warning: the machine is busy ({100 * busy:.0f}% of {cpu_count()} cores taken); timings will vary, "

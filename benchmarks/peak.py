@@ -10,23 +10,40 @@ in a process of its own, so another library's idle threads (PyTorch's OpenMP thr
 while after each call) never share the cores with it; each figure is the best of `--repeats`
 timed runs, each run calling the matmul for at least `--min-seconds`. numpy has no bfloat16 matmul
 of its own, so bfloat16 is timed in torch and jax only (jax's with a float32 result, as
-trainer/matmul.py multiplies).
+trainer/matmul.py multiplies). On a GPU (`--device gpu`, the default where JAX's default backend
+is one) torch and jax run there, numpy is left out, and float32 products are TensorFloat-32 on both
+(jax's default precision on GPUs; torch with `set_float32_matmul_precision("high")`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
 LIBRARIES = ("numpy", "torch", "jax")
 DEFAULT_SIZES = (1024, 2048, 4096)
+GPU_SIZES = (4096, 8192)
 
 
-def matmul_function(library: str, dtype: str, size: int):
-    """A zero-argument callable that computes one size x size product and waits for it, or None."""
+def libraries_for(device: str) -> tuple[str, ...]:
+    """numpy multiplies on the host only: on a GPU the peak is torch's and jax's."""
+    return LIBRARIES if device == "cpu" else ("torch", "jax")
+
+
+def worker_env(device: str) -> dict[str, str]:
+    """The environment of a process that must run JAX on `device` ('cpu' keeps it off an accelerator)."""
+    env = dict(os.environ)
+    if device == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def matmul_function(library: str, dtype: str, size: int, device: str = "cpu"):
+    """A zero-argument callable that computes one size x size product on `device` and waits for it, or None."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -38,8 +55,16 @@ def matmul_function(library: str, dtype: str, size: int):
     if library == "torch":
         import torch
 
-        ta, tb = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
-        return lambda: torch.matmul(ta, tb)
+        where = "cuda" if device == "gpu" else "cpu"
+        ta, tb = (torch.from_numpy(x).to(device=where, dtype=getattr(torch, dtype)) for x in (a, b))
+        if where == "cpu":
+            return lambda: torch.matmul(ta, tb)
+
+        def on_gpu():
+            torch.matmul(ta, tb)
+            torch.cuda.synchronize()
+
+        return on_gpu
     import jax
     import jax.numpy as jnp
 
@@ -61,7 +86,7 @@ def timed_rate(fn, flops: float, min_seconds: float) -> float:
             return calls * flops / elapsed
 
 
-def library_info(library: str) -> str:
+def library_info(library: str, device: str = "cpu") -> str:
     if library == "numpy":
         import numpy as np
 
@@ -69,39 +94,47 @@ def library_info(library: str) -> str:
     if library == "torch":
         import torch
 
+        if device == "gpu":
+            return (f"torch {torch.__version__} ({torch.cuda.get_device_name()}, float32 matmul precision "
+                    f"{torch.get_float32_matmul_precision()!r})")
         return f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
     import jax
 
-    return f"jax {jax.__version__}"
+    return f"jax {jax.__version__} ({jax.default_backend()})"
 
 
-def measure_library(library: str, sizes, dtypes, repeats: int, min_seconds: float, threads: int | None) -> dict:
+def measure_library(library: str, sizes, dtypes, repeats: int, min_seconds: float, threads: int | None,
+                    device: str = "cpu") -> dict:
     """{library, info, results: [{dtype, size, gflops (best), runs}]} for one library, in this process."""
-    if library == "torch" and threads:
+    if library == "torch":
         import torch
 
-        torch.set_num_threads(threads)
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        if device == "gpu":
+            torch.set_float32_matmul_precision("high")  # TensorFloat-32, as jax's default precision there
     results = []
     for dtype in dtypes:
         for size in sizes:
-            fn = matmul_function(library, dtype, size)
+            fn = matmul_function(library, dtype, size, device)
             if fn is None:
                 continue
             fn()  # compile (jax), allocate, wake the threads
             runs = [timed_rate(fn, 2.0 * size**3, min_seconds) / 1e9 for _ in range(repeats)]
             results.append({"dtype": dtype, "size": size, "gflops": max(runs), "runs": runs})
-    return {"library": library, "info": library_info(library), "results": results}
+    return {"library": library, "info": library_info(library, device), "results": results}
 
 
 def measure_peaks(sizes=DEFAULT_SIZES, dtypes=("float32",), repeats: int = 5, min_seconds: float = 0.5,
-                  threads: int | None = None, libraries=LIBRARIES) -> list[dict]:
+                  threads: int | None = None, libraries=None, device: str = "cpu") -> list[dict]:
     """measure_library for each library, each in a fresh subprocess (`python -m benchmarks.peak --worker`)."""
     measured = []
-    for library in libraries:
+    for library in libraries or libraries_for(device):
         command = [sys.executable, "-m", "benchmarks.peak", "--worker", library, "--repeats", str(repeats),
-                   "--min-seconds", str(min_seconds), "--sizes", *map(str, sizes), "--dtypes", *dtypes]
+                   "--min-seconds", str(min_seconds), "--sizes", *map(str, sizes), "--dtypes", *dtypes,
+                   "--device", device]
         command += ["--threads", str(threads)] if threads else []
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, env=worker_env(device))
         if done.returncode != 0:
             raise RuntimeError(f"the {library} matmul worker exited {done.returncode}:\n{done.stderr[-2000:]}")
         measured.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -129,22 +162,27 @@ PEAK_HEADERS = ["library", "dtype", "n (n x n @ n x n)", "best GFLOP/s", "GFLOP/
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peak", description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
+    parser.add_argument("--sizes", type=int, nargs="+", help="default 1024 2048 4096; on a GPU 4096 8192")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per library and size; the best counts")
     parser.add_argument("--min-seconds", type=float, default=0.5, help="each run calls the matmul this long at least")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--device", choices=["cpu", "gpu"],
+                        help="where the products run (default: gpu where JAX's default backend is one, else cpu)")
     parser.add_argument("--worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(measure_library(args.worker, args.sizes, args.dtypes, args.repeats, args.min_seconds,
-                                         args.threads)))
+                                         args.threads, args.device or "cpu")))
         return
 
-    from benchmarks.common import print_header, print_table
+    from benchmarks.common import default_device, print_header, print_table
 
-    print_header("matmul peak: numpy, torch and jax, each in its own process")
-    measured = measure_peaks(args.sizes, args.dtypes, args.repeats, args.min_seconds, args.threads)
+    args.device = args.device or default_device()
+    args.sizes = args.sizes or list(DEFAULT_SIZES if args.device == "cpu" else GPU_SIZES)
+    print_header(f"matmul peak: {', '.join(libraries_for(args.device))} on the {args.device}, each in its own process")
+    measured = measure_peaks(args.sizes, args.dtypes, args.repeats, args.min_seconds, args.threads,
+                             device=args.device)
     print_table(peak_rows(measured), PEAK_HEADERS,
                 title=f"best of {args.repeats} runs of at least {args.min_seconds:g} s each")
     for dtype in args.dtypes:

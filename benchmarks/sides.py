@@ -56,13 +56,23 @@ class Theirs:
 
     float32 weights and optimizer state; a setup whose shape computes in bfloat16 runs the forward
     pass and the loss under torch.autocast (bfloat16 matmuls), as PyTorch's users mix precision.
+    `device="gpu"` trains on the first CUDA device, with TensorFloat-32 float32 products (the
+    precision jax uses there by default), so both sides do the same arithmetic.
     """
 
     label = "torch (transformers)"
 
-    def __init__(self, setup: Setup, batches, optim_cfg: OptimConfig, lr: float):
+    def __init__(self, setup: Setup, batches, optim_cfg: OptimConfig, lr: float, device: str = "cpu"):
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
+
+        if device == "gpu":
+            if not torch.cuda.is_available():
+                raise RuntimeError("device=gpu, but this torch sees no CUDA device (a CPU-only build?)")
+            torch.set_float32_matmul_precision("high")
+            self.device, self.device_name = "cuda", f"cuda ({torch.cuda.get_device_name()})"
+        else:
+            self.device, self.device_name = "cpu", "cpu"
 
         s = setup.shape
         torch.manual_seed(0)
@@ -73,7 +83,7 @@ class Theirs:
             max_position_embeddings=setup.seq_len, tie_word_embeddings=s.tied_embeddings,
             initializer_range=s.init_std,
         )
-        self.model = LlamaForCausalLM(config).train()
+        self.model = LlamaForCausalLM(config).to(self.device).train()
         self.attention = self.model.config._attn_implementation
         self.num_params = sum(p.numel() for p in self.model.parameters())  # tied weights once
         self.lora = None
@@ -97,8 +107,10 @@ class Theirs:
         self.clip = optim_cfg.clip_grad_norm
         self.packed = setup.loss_on == "answer"
         self.batches = [
-            {"inputs": torch.from_numpy(b["inputs"]).long(), "targets": torch.from_numpy(b["targets"]).long(),
-             "positions": torch.from_numpy(b["positions"]).long(), "loss_mask": torch.from_numpy(b["loss_mask"] > 0)}
+            {key: value.to(self.device) for key, value in {
+                "inputs": torch.from_numpy(b["inputs"]).long(), "targets": torch.from_numpy(b["targets"]).long(),
+                "positions": torch.from_numpy(b["positions"]).long(),
+                "loss_mask": torch.from_numpy(b["loss_mask"] > 0)}.items()}
             for b in batches
         ]
         self.vocab_size = s.vocab_size
@@ -125,7 +137,7 @@ class Theirs:
 
         for _ in range(steps):
             mixed = self.autocast_dtype is not None
-            with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16, enabled=mixed):
+            with torch.autocast(self.device, dtype=self.autocast_dtype or torch.bfloat16, enabled=mixed):
                 loss = self.loss(self.batches[self.done % len(self.batches)])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,7 +16,11 @@ frozen weights (`smollm2_lora`; the peer uses the `peft` library). `--dtype bflo
 model.dtype=bfloat16 (float32 weights and optimizer state), the peer under torch.autocast.
 Reports the median tokens/s of each, their ratios (and those of the best repeats, less hurt by a
 busy machine), and model FLOP utilisation against the best matmul rate numpy, torch and jax
-reach on this machine (benchmarks/peak.py), measured in the same run.
+reach on this machine (benchmarks/peak.py), measured in the same run. On a GPU (`--device gpu`, the
+default where JAX's default backend is one) both sides train there, started side by side to save
+time, with TensorFloat-32 float32 products on both (jax's default precision there; torch's
+`set_float32_matmul_precision("high")`); the malloc settings do not apply, so the third worker is
+left out.
 
 The setups and their FLOP accounting are in benchmarks/setups.py, the two sides in benchmarks/sides.py.
 """
@@ -27,8 +31,8 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import cpu_count, median, number, print_header, print_table, spread
-from benchmarks.peak import PEAK_HEADERS, best_peak, measure_peaks, peak_rows
+from benchmarks.common import cpu_count, default_device, median, number, print_header, print_table, spread
+from benchmarks.peak import GPU_SIZES, PEAK_HEADERS, best_peak, measure_peaks, peak_rows, worker_env
 from benchmarks.setups import (
     BATCH_COUNT, EXAMPLE_TOKENS_MEAN, EXAMPLE_TOKENS_RANGE, SETUP_NAMES, Setup, adapter_params, flops_formula,
     flops_per_token, make_setups, matmul_params, timing, token_batches,
@@ -37,7 +41,10 @@ from benchmarks.sides import Ours, Theirs
 
 
 class Worker:
-    """One side in its own process (benchmarks/throughput_worker.py), asked to run N steps at a time."""
+    """One side in its own process (benchmarks/throughput_worker.py), asked to run N steps at a time.
+
+    It starts building at once; `wait_ready` reads what it reports once its warmup is done.
+    """
 
     def __init__(self, side: str, label: str, setup: Setup, args, malloc: str) -> None:
         import subprocess
@@ -48,12 +55,17 @@ class Worker:
         self.log = tempfile.TemporaryFile(mode="w+")
         command = [sys.executable, "-m", "benchmarks.throughput_worker", side, setup.name, f"--malloc={malloc}",
                    f"--dtype={args.dtype}", f"--lr={args.lr}", f"--warmup={timing(setup, args)['warmup']}",
-                   f"--rewarm={args.rewarm}"]
+                   f"--rewarm={args.rewarm}", f"--device={args.device}"]
         command += ["--quick"] if args.quick else []
         command += [f"--layers={args.layers}"] if args.layers is not None else []
         command += [f"--torch-threads={args.torch_threads}"] if args.torch_threads else []
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.ready = self._reply()  # first step, warmup, seconds per step, what the side reports of itself
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                        text=True, env=worker_env(args.device))
+        self.ready: dict = {}
+
+    def wait_ready(self) -> None:
+        """First step, warmup, seconds per step, and what the side reports of itself."""
+        self.ready = self._reply()
 
     def _reply(self) -> dict:
         import json
@@ -73,9 +85,17 @@ class Worker:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.stdin.write("quit\n")
-            self.process.stdin.flush()
-            self.process.wait(timeout=60)
+            try:
+                self.process.stdin.write("quit\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=60)
+            except (OSError, ValueError):  # it died meanwhile: the error that brought us here says why
+                self.process.kill()
+        self.log.close()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
         self.log.close()
 
 
@@ -134,15 +154,38 @@ def ratio_line(what: str, ours: Worker, theirs: Worker, medians: dict, bests: di
             f"({bests[ours.label] / bests[theirs.label]:.2f}x of the best windows)")
 
 
+def start_workers(setup: Setup, args) -> list[Worker]:
+    """Ours, (ours with the peer's malloc,) theirs. On a CPU each builds and warms up alone, so its
+    first-step time and calibration are its own; on a GPU they build side by side (the host's cores
+    compile while the device idles), and the timed windows still take turns."""
+    theirs_malloc = "tuned" if args.torch_tuned_malloc else "default"
+    sides = [("ours", Ours.label, "tuned")]
+    if theirs_malloc != "tuned" and not args.no_same_malloc:
+        sides.append(("ours", f"{Ours.label}, glibc malloc", theirs_malloc))
+    sides.append(("theirs", Theirs.label, theirs_malloc))
+    workers: list[Worker] = []
+    try:
+        for side, label, malloc in sides:
+            workers.append(Worker(side, label, setup, args, malloc))
+            if args.device == "cpu":
+                workers[-1].wait_ready()
+        for worker in workers:
+            if not worker.ready:
+                worker.wait_ready()
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+    return workers
+
+
 def benchmark(setup: Setup, args, peak: float) -> None:
     repeats = timing(setup, args)["repeats"]
-    theirs_malloc = "tuned" if args.torch_tuned_malloc else "default"
-    workers = [Worker("ours", Ours.label, setup, args, "tuned")]
+    workers = start_workers(setup, args)
     try:
-        if theirs_malloc != "tuned" and not args.no_same_malloc:
-            workers.append(Worker("ours", f"{Ours.label}, glibc malloc", setup, args, theirs_malloc))
-        workers.append(Worker("theirs", Theirs.label, setup, args, theirs_malloc))
         ours, theirs = workers[0], workers[-1]
+        if ours.ready["backend"] != ("cpu" if args.device == "cpu" else "gpu"):
+            raise RuntimeError(f"ours ran on jax's {ours.ready['backend']!r} backend, not the {args.device}")
         check_same_model(setup, ours, theirs)
         windows: dict[str, list[dict]] = {worker.label: [] for worker in workers}
         for _ in range(repeats):  # alternated, so drifting load on a shared machine hits every side alike
@@ -180,8 +223,10 @@ def benchmark(setup: Setup, args, peak: float) -> None:
         f"{repeats} timed windows per side of {window_request(setup, args).replace(' seconds', ' s or more')} "
         f"(steps), each after {args.rewarm} untimed steps, after "
         f"{timing(setup, args)['warmup']} warmup steps, each side in its own process; torch: "
-        f"{theirs.ready['threads']} threads, attention {theirs.ready['attention']}, malloc {malloc_name(theirs)}; "
-        f"ours: malloc {malloc_name(ours)}",
+        + (f"{theirs.ready['threads']} threads, attention {theirs.ready['attention']}, malloc {malloc_name(theirs)}; "
+           f"ours: malloc {malloc_name(ours)}" if args.device == "cpu" else
+           f"{theirs.ready['device']}, attention {theirs.ready['attention']}, float32 matmul precision "
+           f"{theirs.ready['float32_matmul_precision']!r}; ours: {ours.ready['device']}, jax's default precision"),
         f"FLOPs/token = {flops_formula(setup, loss_share)} = {per_token / 1e6:.3f} MFLOP "
         f"({per_token * tokens_per_step / 1e9:.2f} GFLOP/step; XLA counts {xla_flops / 1e9:.2f} GFLOP "
         f"in our whole step)",
@@ -195,7 +240,9 @@ def benchmark(setup: Setup, args, peak: float) -> None:
     if max(medians.values()) * per_token > peak:
         print("note: MFU above 100%: the machine was busier while the peaks were timed than during these steps; "
               "run again on an idle machine")
-    if ours.ready["malloc_tuned"] == theirs.ready["malloc_tuned"]:
+    if args.device != "cpu":
+        what = f"both on the {ours.ready['device']}"
+    elif ours.ready["malloc_tuned"] == theirs.ready["malloc_tuned"]:
         what = f"the same allocator on both ({malloc_name(ours)})"
     else:
         what = f"each as its users run it (ours: {malloc_name(ours)}; torch: {malloc_name(theirs)})"
@@ -229,11 +276,17 @@ def main(argv=None) -> None:
     parser.add_argument("--no-same-malloc", action="store_true",
                         help="leave out the third worker (ours with the peer's malloc settings)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--device", choices=["cpu", "gpu"],
+                        help="where both sides train (default: gpu where JAX's default backend is one, else cpu)")
     args = parser.parse_args(argv)
+    args.device = args.device or default_device()
+    if args.device != "cpu":
+        args.no_same_malloc = True  # the host's malloc settings are not what a GPU step waits on
     quick_peak = args.quick or args.layers is not None
     if args.min_seconds is None:
         args.min_seconds = 0.05 if args.quick else 10.0
-    args.peak_sizes = args.peak_sizes or ([256] if args.quick else [1024, 2048, 4096])
+    args.peak_sizes = args.peak_sizes or ([256] if args.quick else list(GPU_SIZES) if args.device == "gpu"
+                                          else [1024, 2048, 4096])
     for key in ("steps", "repeats", "layers"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key}={getattr(args, key)} must be at least 1")
@@ -252,14 +305,17 @@ def main(argv=None) -> None:
 
     peft_line = f"peft {peft.__version__} for the PyTorch side's LoRA" if peft else "peft not installed"
     threads = args.torch_threads or cpu_count()
+    where = (f"{threads} intra-op threads (XLA sizes its own pool)" if args.device == "cpu"
+             else "both sides on the GPU")
     print_header(
-        "train-step throughput: ours (jax) against the PyTorch peer",
-        [f"torch {torch.__version__}, transformers {transformers.__version__}, {peft_line}: {threads} intra-op "
-         "threads (XLA sizes its own pool); the matmul peaks and each side's steps run in processes of their own"],
+        f"train-step throughput: ours (jax) against the PyTorch peer, on the {args.device}",
+        [f"torch {torch.__version__}, transformers {transformers.__version__}, {peft_line}: {where}; the matmul "
+         "peaks and each side's steps run in processes of their own"],
     )
     dtypes = ["float32"] + ([args.dtype] if args.dtype != "float32" else [])
     repeats, min_seconds = (2, 0.05) if quick_peak else (5, 0.5)
-    measured = measure_peaks(args.peak_sizes, dtypes, repeats=repeats, min_seconds=min_seconds, threads=threads)
+    measured = measure_peaks(args.peak_sizes, dtypes, repeats=repeats, min_seconds=min_seconds, threads=threads,
+                             device=args.device)
     print_table(peak_rows(measured), PEAK_HEADERS,
                 title=f"matmul peaks (benchmarks/peak.py): best of {repeats} runs of at least {min_seconds:g} s")
     peak, where = best_peak(measured, args.dtype)

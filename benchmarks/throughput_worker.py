@@ -2,7 +2,7 @@
 
     python -m benchmarks.throughput_worker ours|theirs SETUP [--malloc tuned|default] [--dtype float32|bfloat16]
                                            [--quick] [--layers N] [--lr X] [--warmup N] [--rewarm N]
-                                           [--torch-threads N]
+                                           [--torch-threads N] [--device cpu|gpu]
 
 `--malloc tuned` applies the glibc settings that `python -m trainer` and `python -m sweeper` apply
 (trainer/hostmem.py) before anything else starts; `default` keeps glibc's (default: tuned for
@@ -67,6 +67,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rewarm", type=int, default=1, help="untimed steps before each timed window")
     parser.add_argument("--torch-threads", type=int)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="the PyTorch side's device; ours runs on jax's default backend (JAX_PLATFORMS)")
     args = parser.parse_args(argv)
 
     # Replies go to the real stdout; anything the libraries print goes to stderr.
@@ -83,13 +85,21 @@ def main(argv=None) -> None:
     if args.side == "theirs":
         import torch
 
-        torch.set_num_threads(args.torch_threads or cpu_count())
-        side = Theirs(setup, batches, setup.optim, args.lr)
+        if args.device == "cpu":
+            torch.set_num_threads(args.torch_threads or cpu_count())
+        side = Theirs(setup, batches, setup.optim, args.lr, device=args.device)
         info = {"attention": side.attention, "num_params": side.num_params, "threads": torch.get_num_threads(),
-                "lora": side.lora}
+                "lora": side.lora, "device": side.device_name,
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
     else:
+        import jax
+
+        from benchmarks.common import accelerator_name
+
         side = Ours(setup, batches, setup.optim, args.lr)
-        info = {"xla_flops": side.xla_flops_per_step(), "loss_positions": side.loss_positions}
+        backend = jax.default_backend()
+        info = {"xla_flops": side.xla_flops_per_step(), "loss_positions": side.loss_positions,
+                "backend": "gpu" if backend in ("gpu", "cuda", "rocm") else backend, "device": accelerator_name()}
     info["trainable_params"] = side.trainable_params
     info["malloc_tuned"] = MALLOC_TUNED
     first = seconds(lambda: side.run(1))
