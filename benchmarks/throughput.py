@@ -228,8 +228,9 @@ def benchmark(setup: Setup, args, peak: float) -> None:
            f"{theirs.ready['device']}, attention {theirs.ready['attention']}, float32 matmul precision "
            f"{theirs.ready['float32_matmul_precision']!r}; ours: {ours.ready['device']}, jax's default precision"),
         f"FLOPs/token = {flops_formula(setup, loss_share)} = {per_token / 1e6:.3f} MFLOP "
-        f"({per_token * tokens_per_step / 1e9:.2f} GFLOP/step; XLA counts {xla_flops / 1e9:.2f} GFLOP "
-        f"in our whole step)",
+        f"({per_token * tokens_per_step / 1e9:.2f} GFLOP/step; "
+        + (f"XLA counts {xla_flops / 1e9:.2f} GFLOP in our whole step)" if xla_flops == xla_flops
+           else "XLA gives no FLOP count of our step on this backend)"),
     ]
     print_table(
         rows,
