@@ -278,3 +278,24 @@ def test_padded_batches_pad_to_the_longest_and_mask_padding_labels():
         assert input_ids.shape[1] == attention_mask.sum(axis=1).max()  # padded to the longest
         assert (labels == np.where(attention_mask == 1, input_ids, -100)).all()
     assert padded.padding_fraction == pytest.approx(1 - padded.real_tokens / padded.slots)
+
+
+def test_peer_on_gpu_without_cuda_fails_naming_the_cause():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: the peer would train there")
+    from benchmarks.setups import make_setups, token_batches
+    from benchmarks.sides import Theirs
+
+    setup = make_setups(quick=True)["easylm_debug"]
+    with pytest.raises(RuntimeError, match="device=gpu, but this torch sees no CUDA device"):
+        Theirs(setup, token_batches(setup, count=1), setup.optim, 1e-3, device="gpu")
+
+
+def test_gpu_peaks_leave_numpy_out_and_cpu_workers_keep_jax_on_the_host(monkeypatch):
+    from benchmarks.peak import LIBRARIES, libraries_for, worker_env
+
+    assert libraries_for("cpu") == LIBRARIES and libraries_for("gpu") == ("torch", "jax")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert worker_env("cpu")["JAX_PLATFORMS"] == "cpu"
+    assert "JAX_PLATFORMS" not in worker_env("gpu")
