@@ -111,6 +111,17 @@ def profile_ops(ours: Ours, steps: int) -> tuple[list[tuple[str, float]], float]
     return per_op.most_common(), sum(per_op.values())
 
 
+def op_kinds(ops: list[tuple[str, float]]) -> list[tuple[str, int, float]]:
+    """[(kind, ops of that kind, thread ms per step)] most first: 'ynn_fusion.936' is of kind 'ynn_fusion'."""
+    ms: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for op, op_ms in ops:
+        kind = re.sub(r"\.\d+$", "", op)
+        ms[kind] += op_ms
+        count[kind] += 1
+    return [(kind, count[kind], total) for kind, total in ms.most_common()]
+
+
 def short_source(op_name: str) -> str:
     """'jit(train_step)/transpose(jvp())/dot_general' -> 'backward: dot_general'."""
     kind = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update"
@@ -154,6 +165,12 @@ def main(argv=None) -> None:
             ["XLA op (profile)", "from", "thread ms/step", "share"],
             title=f"XLA ops by thread time: their spans on XLA's threads sum to {total:.1f} ms per step, "
                   f"{total / step_ms:.2f}x the step's wall time (on average that many cores run an op)",
+        )
+        kinds = op_kinds(ops)
+        print_table(
+            [[kind, count, ms, f"{100 * ms / total:.1f}%"] for kind, count, ms in kinds[: args.top]],
+            ["kind of XLA op (name less its number)", "ops", "thread ms/step", "share"],
+            title="the same, summed by kind (ynn_fusion: YNNPACK products; convert/transpose: copies)",
         )
 
 

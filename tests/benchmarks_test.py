@@ -86,6 +86,14 @@ def test_step_profile_quick_prints_parts_and_xla_ops(sweeper_env):
     out = run_quick(sweeper_env, "step_profile")
     assert "train_step (all of it)" in out and "head + cross-entropy forward + backward" in out
     assert "XLA ops by thread time" in out
+    assert "the same, summed by kind" in out and "| ynn_fusion " in out  # the products, by kind
+
+
+def test_op_kinds_sum_ops_that_differ_only_by_number():
+    from benchmarks.step_profile import op_kinds
+
+    ops = [("ynn_fusion.936", 2.0), ("transpose_copy_fusion.3", 4.0), ("ynn_fusion", 1.0), ("wrapped_convert.12", 0.5)]
+    assert op_kinds(ops) == [("transpose_copy_fusion", 1, 4.0), ("ynn_fusion", 2, 3.0), ("wrapped_convert", 1, 0.5)]
 
 
 @pytest.mark.slow
