@@ -37,9 +37,10 @@ def sigterm_at(step):
     return callback
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_a_trial_stopped_by_sigterm_resumes_to_the_same_loss_and_accuracy(tmp_path, method):
-    overrides = [f"finetune={method}"] + (["finetune.dropout=0.1"] if method == "lora" else [])
+# bfloat16: mixed precision resumes from its float32 master weights and Adam state alone.
+@pytest.mark.parametrize("method,dtype", [("full", "float32"), ("lora", "float32"), ("full", "bfloat16")])
+def test_a_trial_stopped_by_sigterm_resumes_to_the_same_loss_and_accuracy(tmp_path, method, dtype):
+    overrides = [f"finetune={method}", f"model.dtype={dtype}"] + (["finetune.dropout=0.1"] if method == "lora" else [])
     whole = run_trial(config(tmp_path / "whole", *overrides))
     assert whole.status == "finished"
 
