@@ -2,8 +2,8 @@
 
     python -m benchmarks.epoch [--quick] [--hf-batch-size 32]
 
-Ours: the `tiny` preset, examples packed into rows of data.seq_len by trainer.data.pack, batches of
-train.batch_size rows from trainer.data.batches, our jitted train_step driven by train_loop.
+Ours: the `tiny` preset, examples packed into rows of data.seq_len by trainer.packing.pack, batches of
+train.batch_size rows from trainer.packing.batches, our jitted train_step driven by train_loop.
 Theirs, as its users write it: transformers.LlamaForCausalLM of the same shape + torch.optim.AdamW
 (float32, eager), shuffled batches of --hf-batch-size examples padded to the longest example of
 the batch, attention_mask, labels -100 on padding. Both use our tokenizer's ids, compute the loss
@@ -65,18 +65,18 @@ def run_ours(model_cfg, optim_cfg, rows, batch_size: int, lr: float) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from trainer import data as data_lib
+    from trainer import packing
     from trainer.model import LlamaShape, init_model
     from trainer.optim import Hyperparams, Optimizer
     from trainer.train import as_device_batch, create_state, make_train_step, max_loss_positions, train_loop
 
-    steps = data_lib.steps_per_epoch(rows, batch_size)
+    steps = packing.steps_per_epoch(rows, batch_size)
     optimizer = Optimizer.from_config(optim_cfg)
     hparams = Hyperparams.create(lr=lr, warmup=0, total_steps=steps, cfg=optim_cfg)
     graphdef, state = create_state(init_model(LlamaShape.from_config(model_cfg), seed=0), optimizer, hparams)
     step_fn = make_train_step(graphdef, optimizer, 1, max_loss_positions(rows.loss_mask, rows.inputs.shape[1]))
-    batches = data_lib.batches(rows, batch_size, seed=0)
-    first = as_device_batch(next(data_lib.batches(rows, batch_size, seed=0)))
+    batches = packing.batches(rows, batch_size, seed=0)
+    first = as_device_batch(next(packing.batches(rows, batch_size, seed=0)))
     # Compile on a throwaway copy (the step donates its input state).
     compile_seconds = seconds(lambda: jax.block_until_ready(step_fn(jax.tree.map(jnp.copy, state), first)))
     outcome = train_loop(step_fn, state, batches, steps, put_batch=as_device_batch)
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
 
-    from trainer import data as data_lib
+    from trainer import packing
 
     model_cfg, optim_cfg = model_preset("tiny"), optim_preset()
     seq_len = data_config().seq_len
@@ -148,8 +148,8 @@ def main(argv=None) -> None:
     hf_batch_size = args.hf_batch_size or batch_size
     splits, tokenizer = load_data_and_tokenizer(model_cfg)
     examples = splits["train"][:64] if args.quick else splits["train"]
-    tokenized = data_lib.tokenize_examples(examples, tokenizer, data_config().cache_dir)
-    rows = data_lib.pack(tokenized, seq_len, "all", tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=0)
+    tokenized = packing.tokenize_examples(examples, tokenizer, data_config().cache_dir)
+    rows = packing.pack(tokenized, seq_len, "all", tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=0)
     padded = padded_batches(tokenized, hf_batch_size, seq_len, tokenizer.eos_id, tokenizer.pad_id, seed=0)
 
     import torch
@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     )
     ours = run_ours(model_cfg, optim_cfg, rows, batch_size, args.lr)
     theirs = run_theirs(model_cfg, optim_cfg, padded, args.lr)
-    answer_rows = data_lib.pack(tokenized, seq_len, "answer", tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=0)
+    answer_rows = packing.pack(tokenized, seq_len, "answer", tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=0)
     ours_answer = run_ours(model_cfg, optim_cfg, answer_rows, batch_size, args.lr)
 
     def our_row(label, packed, result):

@@ -29,13 +29,13 @@ def main(argv=None) -> None:
 
     from flax import nnx
 
-    from trainer import data as data_lib
+    from trainer import packing
     from trainer.evaluate import evaluate_split
     from trainer.model import LlamaShape, init_model
 
     model_cfg = model_preset("tiny")
     splits, tokenizer = load_data_and_tokenizer(model_cfg)
-    tokenized = data_lib.tokenize_examples(splits["test"], tokenizer, data_config().cache_dir)
+    tokenized = packing.tokenize_examples(splits["test"], tokenizer, data_config().cache_dir)
     graphdef, params = nnx.split(init_model(LlamaShape.from_config(model_cfg), seed=0), nnx.Param)
     limit = 64 if args.quick else None
     num_examples = min(limit or len(tokenized), len(tokenized))

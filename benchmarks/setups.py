@@ -206,12 +206,12 @@ def flops_formula(setup: Setup, loss_share: float) -> str:
 
 
 def packed_rows(setup: Setup, seed: int = 0):
-    """An epoch of synthetic examples packed by trainer.data.pack, as a trial of the preset packs its split.
+    """An epoch of synthetic examples packed by trainer.packing.pack, as a trial of the preset packs its split.
 
     Random token ids; lengths drawn like the preset's tokenized reviews; loss on each example's
     answer token and EOS (data.loss_on=answer).
     """
-    from trainer.data import TokenizedSplit, pack
+    from trainer.packing import TokenizedSplit, pack
 
     rng = np.random.default_rng(seed)
     vocab = setup.shape.vocab_size
@@ -229,10 +229,10 @@ def token_batches(setup: Setup, count: int, seed: int = 0) -> list[dict[str, np.
     """`count` batches (inputs, targets, segment_ids, positions, loss_mask), shared by both sides.
 
     loss_on=all: uniform random rows, one segment each, every token with a loss. loss_on=answer:
-    packed rows (`packed_rows`), batched as trainer.data.batches serves them to a trial.
+    packed rows (`packed_rows`), batched as trainer.packing.batches serves them to a trial.
     """
     if setup.loss_on == "answer":
-        from trainer.data import batches
+        from trainer.packing import batches
 
         served = batches(packed_rows(setup, seed), setup.batch_size, seed)
         return [next(served) for _ in range(count)]

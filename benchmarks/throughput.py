@@ -128,7 +128,7 @@ def describe_training(setup: Setup, ours: Worker, theirs: Worker, loss_share: fl
     if setup.loss_on == "answer":
         lines.append(
             f"loss on each example's answer token and EOS, {100 * loss_share:.1f}% of the token slots: rows packed by "
-            f"trainer.data.pack from {setup.examples:,} synthetic examples ({EXAMPLE_TOKENS_RANGE[0]}-"
+            f"trainer.packing.pack from {setup.examples:,} synthetic examples ({EXAMPLE_TOKENS_RANGE[0]}-"
             f"{EXAMPLE_TOKENS_RANGE[1]} tokens, mean ~{EXAMPLE_TOKENS_MEAN:g}, like the preset's tokenized train "
             f"split); ours: output head on the first {ours.ready['loss_positions']} loss positions of each row "
             f"(max_loss_positions over the epoch), segment masks; torch: lm_head on the loss positions only, "

@@ -11,7 +11,8 @@ from flax import nnx
 from hydra import compose, initialize_config_dir
 
 from trainer.config import ConfigError, EvalConfig, register_configs
-from trainer.data import LABEL_NAMES, TokenizedSplit, prompt_text
+from trainer.data import LABEL_NAMES, prompt_text
+from trainer.packing import TokenizedSplit
 from trainer.evaluate import evaluate_split
 from trainer.model import LlamaShape, init_model
 from trainer.report import format_summary

@@ -178,7 +178,7 @@ def test_smollm2_setups_train_as_the_preset_on_its_real_shape():
 
 
 def test_answer_batches_pack_like_the_presets_train_split():
-    """The synthetic rows match what trainer.data.pack made of the real split with SmolLM2's tokenizer:
+    """The synthetic rows match what trainer.packing.pack made of the real split with SmolLM2's tokenizer:
     2,315 rows, 3.68 reviews and 7.37 loss tokens per row, 1.3% padding, loss-position bound 32."""
     from benchmarks.setups import loss_positions, make_setups, packed_rows, token_batches
 
@@ -274,7 +274,7 @@ def test_peer_attends_within_each_packed_example():
 
 def test_padded_batches_pad_to_the_longest_and_mask_padding_labels():
     from benchmarks.epoch import padded_batches
-    from trainer.data import TokenizedSplit
+    from trainer.packing import TokenizedSplit
 
     prompts = [np.array([1, 5, 6, 7]), np.array([1, 5]), np.array([1, 8, 9])]
     tokenized = TokenizedSplit(prompts, [np.array([3])] * 3, np.array([0, 1, 0]), [np.array([3]), np.array([4])])

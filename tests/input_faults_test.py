@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from trainer import data
+from trainer import packing
 from trainer.checkpoint import CheckpointError, load_hf_weights, read_hf_config, resolve_checkpoint
 from trainer.config import ConfigError, DataConfig, ModelConfig, register_configs, to_trial_config, validate
 from trainer.tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -90,15 +91,15 @@ def test_damaged_cache_entries_are_rebuilt(rt_splits, tmp_path, capsys):
     assert again.encode("a fine film") == first.encode("a fine film")
 
     examples = rt_splits["test"][:50]
-    tokenized = data.tokenize_examples(examples, first, str(tmp_path))
+    tokenized = packing.tokenize_examples(examples, first, str(tmp_path))
     npz = next((tmp_path / "tokenized").glob("*.npz"))
     npz.write_bytes(b"\0" * 40)
-    data._TOKENIZED.clear()  # the in-process memo would hide the file
-    rebuilt = data.tokenize_examples(examples, first, str(tmp_path))
+    packing._TOKENIZED.clear()  # the in-process memo would hide the file
+    rebuilt = packing.tokenize_examples(examples, first, str(tmp_path))
     assert "is damaged" in capsys.readouterr().out
     assert [p.tolist() for p in rebuilt.prompts] == [p.tolist() for p in tokenized.prompts]
-    data._TOKENIZED.clear()
-    assert [p.tolist() for p in data.tokenize_examples(examples, first, str(tmp_path)).prompts] == [
+    packing._TOKENIZED.clear()
+    assert [p.tolist() for p in packing.tokenize_examples(examples, first, str(tmp_path)).prompts] == [
         p.tolist() for p in tokenized.prompts]  # and the rebuilt file reads back
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from trainer import data as data_lib
+from trainer import packing
 from trainer.config import TrialConfig
 from trainer.evaluate import evaluate_split
 from trainer.train import TrainState, all_params
@@ -31,12 +32,12 @@ class EvalRecord:
 EvalHook = Callable[[EvalRecord], Optional[str]]  # returns a reason to stop, or None to go on
 
 
-def validation_subset(cfg: TrialConfig, splits: dict, tokenizer) -> data_lib.TokenizedSplit:
+def validation_subset(cfg: TrialConfig, splits: dict, tokenizer) -> packing.TokenizedSplit:
     """The seeded class-stratified subset of `eval.every_examples` validation examples, tokenized."""
     validation = splits["validation"]
     ratio = min(1.0, cfg.eval.every_examples / max(len(validation), 1))
     chosen = data_lib.sample_ratio(validation, ratio, cfg.seed)
-    return data_lib.tokenize_examples(chosen, tokenizer, cfg.data.cache_dir)
+    return packing.tokenize_examples(chosen, tokenizer, cfg.data.cache_dir)
 
 
 class PeriodicEvaluation:

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 from flax import nnx
 
-from trainer.data import LABEL_NAMES, answer_ids, prompt_text
+from trainer.data import LABEL_NAMES, prompt_text
+from trainer.packing import answer_ids
 from trainer.evaluate import score_candidates
 from trainer.export import read_metadata
 

@@ -31,6 +31,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from trainer import data as data_lib
+from trainer import packing
 from trainer.config import ConfigError, TrialConfig, to_trial_config, validate
 from trainer.config import register_configs as register_trial_configs
 from trainer.evaluate import EvalReport, classification_report, parse_answer
@@ -121,7 +122,7 @@ def rescore(cfg: TrialConfig, curated_labels: Optional[str] = None,
         evaluated = {"curated": examples}
     else:
         evaluated = {split: splits[split] for split in cfg.eval.splits}
-    eval_sets = {name: data_lib.tokenize_examples(e, tokenizer, cfg.data.cache_dir) for name, e in evaluated.items()}
+    eval_sets = {name: packing.tokenize_examples(e, tokenizer, cfg.data.cache_dir) for name, e in evaluated.items()}
     data = TrialData({**splits, **evaluated}, tokenizer, None, eval_sets, 0.0)
     evaluation = Evaluation(cfg, data, graphdef)
     evaluation(params, "")

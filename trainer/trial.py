@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from trainer import data as data_lib
+from trainer import packing
 from trainer import finetune
 from trainer import sharding as sharding_lib
 from trainer.config import TrialConfig, to_trial_config, validate
@@ -118,8 +119,8 @@ class TrialData:
 
     splits: dict[str, list[data_lib.Example]]
     tokenizer: Tokenizer
-    rows: data_lib.PackedRows
-    eval_sets: dict[str, data_lib.TokenizedSplit]
+    rows: packing.PackedRows
+    eval_sets: dict[str, packing.TokenizedSplit]
     seconds: float
     skipped_lines: int = 0  # bad lines left out under data.on_bad_line=skip
 
@@ -136,10 +137,10 @@ def prepare_data(cfg: TrialConfig) -> TrialData:
     train_examples = data_lib.sample_ratio(splits["train"], cfg.ratio, cfg.seed)
     tokenizer = get_tokenizer(cfg, splits["train"])
     cache_dir = cfg.data.cache_dir  # expanded where it is used (tokenizer.expand_cache_dir)
-    tokenized_train = data_lib.tokenize_examples(train_examples, tokenizer, cache_dir)
-    rows = data_lib.pack(tokenized_train, cfg.data.seq_len, cfg.data.loss_on, tokenizer.eos_id, seed=cfg.seed)
+    tokenized_train = packing.tokenize_examples(train_examples, tokenizer, cache_dir)
+    rows = packing.pack(tokenized_train, cfg.data.seq_len, cfg.data.loss_on, tokenizer.eos_id, seed=cfg.seed)
     eval_sets = {
-        split: data_lib.tokenize_examples(splits[split], tokenizer, cache_dir) for split in cfg.eval.splits
+        split: packing.tokenize_examples(splits[split], tokenizer, cache_dir) for split in cfg.eval.splits
     }
     return TrialData(splits, tokenizer, rows, eval_sets, time.perf_counter() - t0, skipped)
 
@@ -158,8 +159,8 @@ def load_model(cfg: TrialConfig, tokenizer: Tokenizer) -> tuple[LlamaShape, nnx.
     return shape, graphdef, base_params
 
 
-def trial_total_steps(cfg: TrialConfig, rows: data_lib.PackedRows) -> int:
-    return total_steps_for(cfg.train, data_lib.steps_per_epoch(rows, cfg.train.batch_size))
+def trial_total_steps(cfg: TrialConfig, rows: packing.PackedRows) -> int:
+    return total_steps_for(cfg.train, packing.steps_per_epoch(rows, cfg.train.batch_size))
 
 
 def initial_state(
@@ -359,7 +360,7 @@ def run_trial(
         restored_history = [StepRecord(**record)] if record else []
     if start_step:
         timings["resumed_from_step"] = float(start_step)
-    batches = data_lib.batches(data.rows, cfg.train.batch_size, cfg.seed, start=start_step)
+    batches = packing.batches(data.rows, cfg.train.batch_size, cfg.seed, start=start_step)
     # eval.every_steps: validation accuracy while training, each handed to on_eval (which may stop it).
     periodic = PeriodicEvaluation(cfg, data.splits, data.tokenizer, graphdef, on_eval) if cfg.eval.every_steps else None
     phase("training", total_steps=total_steps, start_step=start_step)

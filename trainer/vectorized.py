@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from trainer import data as data_lib
+from trainer import packing
 from trainer import sharding as sharding_lib
 from trainer.config import ConfigError, TrialConfig, to_trial_config, validate
 from trainer.export import save_trial_model
@@ -293,7 +293,7 @@ def run_trials(
     if len(mesh.devices.flat) > 1:
         # As sharding.pin_state_shardings does for one trial: the planned layout in and out.
         step_fn = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(shardings, replicated, None))
-    streams = [data_lib.batches(data.rows, cfg.train.batch_size, cfg.seed) for cfg, data in zip(trial_cfgs, datas)]
+    streams = [packing.batches(data.rows, cfg.train.batch_size, cfg.seed) for cfg, data in zip(trial_cfgs, datas)]
     stacked, outcomes = vectorized_loop(
         step_fn, stacked, streams, total_steps,
         put_batches=functools.partial(put_batches, mesh=mesh), callbacks=callbacks,
