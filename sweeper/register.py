@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from sweeper import results
+from sweeper import selection
 
 # Tags of the model version besides the swept keys: what tells trials and model setups apart.
-TAGGED_PARAMS = tuple(dict.fromkeys(results.TRIAL_PARAMS + results.SETUP_PARAMS + ("train.total_steps",)))
+TAGGED_PARAMS = tuple(dict.fromkeys(selection.TRIAL_PARAMS + selection.SETUP_PARAMS + ("train.total_steps",)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'latest' (default: the newest sweep), or a sweep's parent run id or name")
     parser.add_argument("--metric", default="validation_accuracy",
                         help="the metric that picks the best trial, highest wins (default: %(default)s)")
-    parser.add_argument("--experiment", default=results.DEFAULT_EXPERIMENT,
+    parser.add_argument("--experiment", default=selection.DEFAULT_EXPERIMENT,
                         help="MLflow experiment (default: %(default)s)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or results.DEFAULT_TRACKING_URI,
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or selection.DEFAULT_TRACKING_URI,
                         help="MLflow store, also the registry (default: $MLFLOW_TRACKING_URI, else %(default)s)")
     return parser
 
@@ -52,17 +52,17 @@ def best_trial(trials: pd.DataFrame, metric: str) -> pd.Series:
     column = f"metrics.{metric.removeprefix('metrics.')}"
     if column not in trials.columns:
         logged = sorted(c.removeprefix("metrics.") for c in trials.columns if c.startswith("metrics."))
-        raise results.ResultsError(f"--metric {metric!r} is not logged by these trials; metrics logged: "
+        raise selection.ResultsError(f"--metric {metric!r} is not logged by these trials; metrics logged: "
                                    f"{', '.join(logged) or 'none'}")
     eligible = trials[(trials["status"] == "finished") & trials[column].notna()]
     if eligible.empty:
         counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
-        raise results.ResultsError(f"no finished trial of this sweep has {metric} ({counts}); nothing to register")
+        raise selection.ResultsError(f"no finished trial of this sweep has {metric} ({counts}); nothing to register")
     return eligible.sort_values([column, "start_time"], ascending=[False, True], kind="stable").iloc[0]
 
 
-def version_tags(sweep: results.Sweep, trial: pd.Series, trials: pd.DataFrame, metric: str) -> dict[str, str]:
-    swept = results.override_keys(trials["overrides"])
+def version_tags(sweep: selection.Sweep, trial: pd.Series, trials: pd.DataFrame, metric: str) -> dict[str, str]:
+    swept = selection.override_keys(trials["overrides"])
     tags = {
         "sweep": sweep.name,
         "sweep_run_id": str(sweep.run_id),
@@ -88,14 +88,14 @@ def register(args: argparse.Namespace):
 
     from sweeper.mlflow_model import MODEL_NAME, logged_model
 
-    sweep, runs = results.select_runs(args.tracking_uri, args.experiment, args.sweep, all_runs=False)
-    trials = results.tidy_trials(runs)
+    sweep, runs = selection.select_runs(args.tracking_uri, args.experiment, args.sweep, all_runs=False)
+    trials = selection.tidy_trials(runs)
     metric = args.metric.removeprefix("metrics.")
     trial = best_trial(trials, metric)
     client = MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)
     model = logged_model(client, trial["run_id"])
     if model is None:
-        raise results.ResultsError(
+        raise selection.ResultsError(
             f"the best trial by {metric}, {trial['overrides']} (run {trial['run_id']}), has no MLflow model: it ran "
             f"with train.save_model=none, or train.save_model=best kept another trial's (the best by "
             f"validation_accuracy); rerun the sweep with train.save_model=all, or pick --metric validation_accuracy"
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         sweep, trial, version, run_uri = register(args)
-    except results.ResultsError as error:
+    except selection.ResultsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     metric = args.metric.removeprefix("metrics.")
