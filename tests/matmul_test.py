@@ -85,9 +85,34 @@ def test_every_product_of_the_bfloat16_derivative_multiplies_bfloat16_operands(c
         assert result.endswith("xf32>"), line
 
 
+@pytest.mark.parametrize("contract,a_shape,b_shape", CASES)
+def test_a_float32_weight_multiplied_in_bfloat16_gets_its_gradient_unrounded(contract, a_shape, b_shape):
+    # A bfloat16 model's float32 weight: rounded to bfloat16 inside the product; its gradient is
+    # the float32 accumulation itself (not rounded to bfloat16 and back), the input's is bfloat16.
+    keys = jax.random.split(jax.random.key(2), 3)
+    a, b = bf16_exact(keys[0], a_shape), jax.random.normal(keys[1], b_shape)
+    b_rounded = b.astype(jnp.bfloat16).astype(jnp.float32)
+    weights = bf16_exact(keys[2], reference(a, b, contract).shape)
+    product = matmul(a.astype(jnp.bfloat16), b, contract, dtype=jnp.bfloat16)
+    np.testing.assert_allclose(product, reference(a, b_rounded, contract), rtol=1e-5, atol=1e-5)
+    da, db = jax.grad(lambda a, b: jnp.sum(matmul(a, b, contract, dtype=jnp.bfloat16) * weights), (0, 1))(
+        a.astype(jnp.bfloat16), b)
+    want_da, want_db = jax.grad(lambda a, b: jnp.sum(reference(a, b, contract) * weights), (0, 1))(a, b_rounded)
+    assert da.dtype == jnp.bfloat16 and db.dtype == jnp.float32
+    np.testing.assert_allclose(da.astype(jnp.float32), want_da, rtol=2**-8, atol=1e-6)
+    # a and the cotangent are exact in bfloat16, so float32 sums of their products are float32's.
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5)
+    program = jax.jit(jax.grad(lambda a, b: jnp.sum(matmul(a, b, contract, dtype=jnp.bfloat16) ** 2), (0, 1))).lower(
+        a.astype(jnp.bfloat16), b).as_text()
+    for line in (line for line in program.splitlines() if "stablehlo.dot_general" in line):
+        assert re.search(r": \(tensor<[0-9x]*xbf16>, tensor<[0-9x]*xbf16>\)", line), line
+
+
 def test_operands_it_cannot_multiply_are_named():
-    with pytest.raises(ValueError, match="differ in dtype: bfloat16 and float32"):
+    with pytest.raises(ValueError, match="differ in dtype: bfloat16 and float32.*dtype="):
         matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="matmul in bfloat16 takes bfloat16 or float32 operands, got float16"):
+        matmul(jnp.ones((2, 3), jnp.float16), jnp.ones((3, 4)), dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match=r"got \(0, -2\)"):
         matmul(jnp.ones((2, 3)), jnp.ones((3, 4)), contract=(0, -2))
     with pytest.raises(ValueError, match=r"\(2, 3\) and \(5, 3, 4\)"):

@@ -203,11 +203,14 @@ def test_chunked_head_loss_gives_the_head_the_same_gradient():
     np.testing.assert_allclose(chunked["head_DxV"][...], full["head_DxV"][...], rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_compute_keeps_float32_weights_and_tracks_the_float32_loss():
+# Tied: the head is the embedding's transpose, whose float32 gradient XLA:CPU once folded into a
+# product its fallback kernel cannot run in bfloat16 (trainer/model.py head_f32).
+@pytest.mark.parametrize("tied", [False, True])
+def test_bfloat16_compute_keeps_float32_weights_and_tracks_the_float32_loss(tied):
     # model.dtype=bfloat16 with param_dtype float32: mixed precision, float32 master weights.
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        shape = dataclasses.replace(SHAPE, dtype=dtype)
+        shape = dataclasses.replace(SHAPE, dtype=dtype, tied_embeddings=tied)
         optimizer = Optimizer.from_config(OptimConfig())
         hparams = Hyperparams.create(lr=1e-2, warmup=0, total_steps=100, cfg=OptimConfig())
         graphdef, state = create_state(init_model(shape, 0), optimizer, hparams)

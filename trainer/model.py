@@ -110,8 +110,8 @@ class LoRA(nnx.Module):
         if key is not None and self.dropout > 0:
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        low = dense(x, self.a_IxR[...].astype(x.dtype), in_dims)
-        return dense(low, self.b_RxO[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+        low = dense(x, self.a_IxR[...], in_dims)
+        return dense(low, self.b_RxO[...]) * jnp.asarray(self.scale, x.dtype)
 
 
 def adapted(x: jax.Array, w: jax.Array, adapter: "LoRA | None", key: jax.Array | None, in_dims: int = 1) -> jax.Array:
@@ -166,11 +166,14 @@ def dense(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
 
 
 def dense_f32(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
-    """`dense`, accumulated and returned in float32 (trainer/matmul.py: bfloat16 operands stay
-    bfloat16 in the backward pass too)."""
+    """`dense`, accumulated and returned in float32, multiplied in x's dtype. A float32 weight is
+    rounded to it inside the product and gets its gradient in float32 (trainer/matmul.py:
+    bfloat16 operands stay bfloat16 in the backward pass too)."""
     lead, fan_in = x.shape[: x.ndim - in_dims], w.shape[:in_dims]
     out = w.shape[in_dims:]
-    y = matmul(x.reshape(-1, math.prod(fan_in)), w.reshape(math.prod(fan_in), -1))
+    if w.dtype not in (x.dtype, jnp.float32):  # a low-precision weight beside float32 activations
+        w = w.astype(x.dtype)
+    y = matmul(x.reshape(-1, math.prod(fan_in)), w.reshape(math.prod(fan_in), -1), dtype=x.dtype)
     return y.reshape(*lead, *out)
 
 
@@ -242,10 +245,9 @@ class Attention(nnx.Module):
 
     def project(self, x_BxTxD, positions_BxT, key=None):
         """Rotated queries (B, N, T, H) and rotated keys and values (B, K, T, H)."""
-        dt = self.dtype
 
         def heads(name, w, index):  # (B, T, heads, H) -> (B, heads, T, H)
-            y = adapted(x_BxTxD, w[...].astype(dt), self.adapters.get(name), _subkey(key, index))
+            y = adapted(x_BxTxD, w[...], self.adapters.get(name), _subkey(key, index))
             return jnp.swapaxes(y, 1, 2)
 
         cos, sin = rotary_angles(positions_BxT, self.q_DxNxH.shape[-1], self.rope_theta)
@@ -254,7 +256,7 @@ class Attention(nnx.Module):
         return q, k, heads("v", self.v_DxKxH, 2)
 
     def output(self, out_BxNxTxH, key=None):
-        return adapted(jnp.swapaxes(out_BxNxTxH, 1, 2), self.o_NxHxD[...].astype(self.dtype),
+        return adapted(jnp.swapaxes(out_BxNxTxH, 1, 2), self.o_NxHxD[...],
                        self.adapters.get("o"), _subkey(key, 3), in_dims=2)
 
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, key=None):
@@ -293,10 +295,10 @@ class MLP(nnx.Module):
         return {"gate": self.gate_DxF, "up": self.up_DxF, "down": self.down_FxD}
 
     def __call__(self, x_BxTxD, key=None):
-        dt, get = self.dtype, self.adapters.get
-        gate = jax.nn.silu(adapted(x_BxTxD, self.gate_DxF[...].astype(dt), get("gate"), _subkey(key, 4)))
-        hidden = gate * adapted(x_BxTxD, self.up_DxF[...].astype(dt), get("up"), _subkey(key, 5))
-        return adapted(hidden, self.down_FxD[...].astype(dt), get("down"), _subkey(key, 6))
+        get = self.adapters.get
+        gate = jax.nn.silu(adapted(x_BxTxD, self.gate_DxF[...], get("gate"), _subkey(key, 4)))
+        hidden = gate * adapted(x_BxTxD, self.up_DxF[...], get("up"), _subkey(key, 5))
+        return adapted(hidden, self.down_FxD[...], get("down"), _subkey(key, 6))
 
 
 class Block(nnx.Module):
@@ -376,8 +378,23 @@ class Llama(nnx.Module):
         return self.embed_VxD[...].T if self.shape.tied_embeddings else self.head_DxV[...]
 
     def logits(self, x_BxTxD):
-        dt = jnp.dtype(self.shape.dtype)
-        return dense_f32(x_BxTxD, self.head_weight().astype(dt))
+        return head_f32(self, x_BxTxD)
+
+
+def head_f32(model: "Llama", x_BxTxD: jax.Array) -> jax.Array:
+    """The logits in float32, multiplied in x's dtype. In a lower precision a tied head multiplies
+    by the embedding as it is laid out (x @ E.T), so its gradient comes out in the embedding's own
+    layout: written as a product with E.T, XLA:CPU folds the transpose back into a bfloat16
+    weight-gradient product that its fallback kernel cannot run ("Unsupported element type for
+    DotThunk"). float32 keeps the product with E.T, which measured no slower."""
+    if not model.shape.tied_embeddings or x_BxTxD.dtype == jnp.float32:
+        return dense_f32(x_BxTxD, model.head_weight())
+    embed_VxD = model.embed_VxD[...]
+    if embed_VxD.dtype not in (x_BxTxD.dtype, jnp.float32):
+        embed_VxD = embed_VxD.astype(x_BxTxD.dtype)
+    lead = x_BxTxD.shape[:-1]
+    y = matmul(x_BxTxD.reshape(-1, x_BxTxD.shape[-1]), embed_VxD, contract=(-1, -1), dtype=x_BxTxD.dtype)
+    return y.reshape(*lead, -1)
 
 
 def token_losses(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
@@ -399,13 +416,10 @@ def head_losses(model: "Llama", hidden_BxTxD: jax.Array, targets_BxT: jax.Array,
     tokens = batch * length
     if tokens <= chunk_tokens or tokens % chunk_tokens:
         return token_losses(model.logits(hidden_BxTxD), targets_BxT)
-    head_DxV = model.head_weight()
-    dt = jnp.dtype(model.shape.dtype)
-
     @jax.checkpoint
     def chunk_losses(args):
         hidden_CxD, targets_C = args
-        logits_CxV = dense_f32(hidden_CxD, head_DxV.astype(dt))
+        logits_CxV = head_f32(model, hidden_CxD)
         return token_losses(logits_CxV, targets_C)
 
     losses = jax.lax.map(
