@@ -369,7 +369,7 @@ def test_masked_attention_matches_jax_reference_with_grouped_heads(length, block
     import jax.numpy as jnp
     import numpy as np
 
-    from trainer.model import attention_mask, masked_attention
+    from trainer.attention import attention_mask, masked_attention
 
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((2, length, 4, 8)), jnp.float32)
