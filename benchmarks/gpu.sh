@@ -41,9 +41,11 @@ print('flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__ver
 cat "$LOG/machine.log"
 
 THROUGHPUT=(-m benchmarks.throughput --device "$DEVICE" --min-seconds 2 --repeats 3 $QUICK)
-part throughput_float32 200 $PY "${THROUGHPUT[@]}" --dtype float32
-part throughput_bfloat16 200 $PY "${THROUGHPUT[@]}" --dtype bfloat16
-part vectorized 150 $PY -m benchmarks.vectorized --ks 1 2 4 8 $QUICK
+# On one H200 (2026-11-30) each throughput part ended at its limit while smollm2_lora's workers
+# were still starting (they were not ready after 85 s alone); the other setups took ~190 s.
+part throughput_float32 230 $PY "${THROUGHPUT[@]}" --dtype float32
+part throughput_bfloat16 230 $PY "${THROUGHPUT[@]}" --dtype bfloat16
+part vectorized 120 $PY -m benchmarks.vectorized --ks 1 2 4 8 $QUICK
 
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv >>"$LOG/machine.log" 2>&1
 for name in throughput_float32 throughput_bfloat16 vectorized; do
