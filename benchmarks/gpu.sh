@@ -42,7 +42,8 @@ cat "$LOG/machine.log"
 
 THROUGHPUT=(-m benchmarks.throughput --device "$DEVICE" --min-seconds 2 --repeats 3 $QUICK)
 # On one H200 (2026-11-30) each throughput part ended at its limit while smollm2_lora's workers
-# were still starting (they were not ready after 85 s alone); the other setups took ~190 s.
+# were still starting (not ready after 85 s in a run of their own); the other three setups and
+# the peaks fitted in 195-200 s.
 part throughput_float32 230 $PY "${THROUGHPUT[@]}" --dtype float32
 part throughput_bfloat16 230 $PY "${THROUGHPUT[@]}" --dtype bfloat16
 part vectorized 120 $PY -m benchmarks.vectorized --ks 1 2 4 8 $QUICK
