@@ -17,9 +17,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from flax import nnx
 
 from trainer import checkpoint
-from trainer.checkpoint import CheckpointError, load_hf_weights, load_into, load_llama, model_config_from_hf
+from trainer.checkpoint import CheckpointError, load_into, load_llama, model_config_from_hf
 from trainer.config import ModelConfig
 from trainer.model import LlamaShape, init_model
+from trainer.tensor_files import load_hf_weights
 
 BATCH, LENGTH = 2, 24
 
