@@ -15,14 +15,8 @@ from sentencepiece import sentencepiece_model_pb2
 from transformers import AutoTokenizer
 
 from trainer.config import ConfigError, ModelConfig
-from trainer.data import (
-    LABEL_NAMES,
-    SPLITS,
-    answer_ids,
-    full_text,
-    prompt_text,
-    tokenize_examples,
-)
+from trainer.data import LABEL_NAMES, SPLITS, full_text, prompt_text
+from trainer.packing import answer_ids, tokenize_examples
 from trainer.tokenizer import SentencePieceTokenizer, from_file, load_tokenizer
 
 # llama.cpp's "smollm" pre-tokenizer (llama-vocab.cpp): every \p{N} character is cut out first,
