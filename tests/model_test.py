@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -394,3 +395,20 @@ def test_masked_attention_matches_jax_reference_with_grouped_heads(length, block
 
     for ours_grad, expected_grad in zip(jax.grad(our_loss, (0, 1, 2))(q, k, v), jax.grad(reference_loss, (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(ours_grad, expected_grad, atol=1e-5)
+
+
+def test_the_norm_scale_of_a_bfloat16_model_gets_its_gradient_summed_in_float32():
+    from trainer.model import scaled
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], (4, 33, 16)).astype(jnp.bfloat16)
+    scale = 1.0 + 0.1 * jax.random.normal(keys[1], (16,))
+    g = jax.random.normal(keys[2], x.shape).astype(jnp.bfloat16)
+    y, pullback = jax.vjp(scaled, x, scale)
+    np.testing.assert_array_equal(y, x * scale.astype(jnp.bfloat16))
+    dx, dscale = pullback(g)
+    assert dx.dtype == jnp.bfloat16 and dscale.dtype == jnp.float32
+    np.testing.assert_array_equal(dx, g * scale.astype(jnp.bfloat16))
+    # x and g are exact in bfloat16, so their products and the sum over 132 tokens are float32's.
+    want = np.einsum("btd,btd->d", np.asarray(x, np.float64), np.asarray(g, np.float64))
+    np.testing.assert_allclose(dscale, want, rtol=1e-5, atol=1e-5)

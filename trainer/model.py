@@ -86,7 +86,34 @@ class RMSNorm(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         x = x_BxTxD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x_BxTxD.dtype) * x.astype(x_BxTxD.dtype)
+        if x_BxTxD.dtype == jnp.float32:
+            return self.scale[...].astype(x_BxTxD.dtype) * x
+        return scaled(x.astype(x_BxTxD.dtype), self.scale[...])
+
+
+@jax.custom_vjp
+def scaled(x_BxTxD: jax.Array, scale_D: jax.Array) -> jax.Array:
+    """x * scale in x's (lower) dtype; the scale's gradient is a float32 product of ones and the
+    rows, summed over every token. Written as jax differentiates it, that sum ran as XLA:CPU's
+    tree reduction (`reduce-window`), about 2 ms a norm inside a bfloat16 SmolLM2-135M step; this
+    form made the step about 6% faster (2-core AMD EPYC, 2026-12-01; no change in float32, which
+    keeps the plain product)."""
+    return x_BxTxD * scale_D.astype(x_BxTxD.dtype)
+
+
+def _scaled_forward(x, scale):
+    return scaled(x, scale), (x, scale)
+
+
+def _scaled_backward(saved, g):
+    x, scale = saved
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * g.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    ones = jnp.ones((1, rows.shape[0]), jnp.float32)
+    d_scale = jax.lax.dot(ones, rows, precision=jax.lax.Precision.HIGHEST)[0]
+    return (g * scale.astype(g.dtype)).astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+scaled.defvjp(_scaled_forward, _scaled_backward)
 
 
 class LoRAParam(nnx.Param):
