@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from trainer import data
 from trainer import packing
 from trainer.checkpoint import CheckpointError, read_hf_config, resolve_checkpoint
-from trainer.config import ConfigError, DataConfig, ModelConfig, register_configs, to_trial_config, validate
+from trainer.config import ConfigError, ModelConfig, register_configs, to_trial_config, validate
 from trainer.tensor_files import load_hf_weights
 from trainer.tokenizer import SentencePieceTokenizer, load_tokenizer
 from trainer.trial import run_trial

@@ -118,7 +118,7 @@ def test_before_training_evaluation_is_shared_by_trials_of_the_same_base_model(t
     splits = "eval.splits=[test]"
     a = run_trial(trial_config(tmp_path / "a", splits, "lr=1e-3"))
     b = run_trial(trial_config(tmp_path / "b", splits, "lr=2e-4", "ratio=0.5", "warmup=2"))
-    c = run_trial(trial_config(tmp_path / "c", splits, "seed=1"))  # another random init
+    run_trial(trial_config(tmp_path / "c", splits, "seed=1"))  # another random init
     # a: before + after; b: after only (its before reports are a's); c: before + after.
     assert [p.parent.name for p in calls] == ["a", "a", "b", "c", "c"]
     assert b.reports["before/test"] == a.reports["before/test"]
